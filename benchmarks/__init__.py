@@ -1,0 +1,1 @@
+"""Benchmarks for callosum_gevent: ``python -m benchmarks --help``."""

@@ -1,0 +1,196 @@
+"""The pools we compare against, and loopback socket helpers shared by the benchmarks.
+
+* ``LifoPool``: the hand-written pool most gevent code uses, a ``gevent.queue.LifoQueue``
+  of sockets, raw (``get``/``put``) or as a small context manager (``connection``).
+* ``CheckedLifoPool``: the same with the checkout liveness check urllib3 and
+  redis-py do (a non-blocking ``MSG_PEEK`` recv; a dead socket is dropped).
+* ``gsocketpool_pool``: gsocketpool 0.1.6 (``with pool.connection()``).
+* ``GeventConnPoolPort``: geventconnpool 0.2.1 does not import on Python 3
+  (``from pool import ...``, ``gevent.coros``, ``xrange``); this is its
+  ``ConnectionPool.get()`` copied line for line with ``gevent.lock`` instead.
+"""
+
+from __future__ import annotations
+
+import socket as stdsocket
+from collections import deque
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any, TypeAlias
+
+import gevent
+from gevent import socket
+from gevent.lock import BoundedSemaphore
+from gevent.queue import LifoQueue
+
+Sock: TypeAlias = socket.socket
+Address = tuple[str, int]
+PEEK = stdsocket.MSG_PEEK | stdsocket.MSG_DONTWAIT
+
+
+def is_dead(sock: Sock) -> bool:
+    """Non-blocking check whether the peer closed ``sock`` (what urllib3/redis-py do)."""
+    try:
+        return bool(sock._sock.recv(1, PEEK) == b"")
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def read_slot(sock: Sock) -> int:
+    """Read the Callosum slot line (``b"13\\r\\n"``) the server sends first."""
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = sock.recv(16)
+        if not chunk:
+            raise ConnectionError("server closed before sending its slot line")
+        line += chunk
+    return int(line)
+
+
+def open_slotted(address: Address) -> tuple[int, Sock]:
+    """Connect to a slot-line server; return ``(slot, socket)``."""
+    sock = socket.create_connection(address)
+    sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
+    return read_slot(sock), sock
+
+
+def open_many(address: Address, n: int, concurrency: int = 50) -> list[tuple[int, Sock]]:
+    """Open ``n`` slotted connections, ``concurrency`` at a time, in slot order."""
+    out: list[tuple[int, Sock]] = []
+    for start in range(0, n, concurrency):
+        jobs = [gevent.spawn(open_slotted, address) for _ in range(min(concurrency, n - start))]
+        out += [job.get() for job in jobs]
+    return sorted(out, key=lambda pair: pair[0])
+
+
+def loopback_pairs(n: int) -> tuple[list[Sock], list[Sock]]:
+    """Return ``n`` connected loopback TCP pairs as (client ends, server ends)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1024)
+    accepted: list[Sock] = []
+
+    def accept() -> None:
+        while len(accepted) < n:
+            accepted.append(listener.accept()[0])
+
+    acceptor = gevent.spawn(accept)
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(n)]
+    acceptor.join()
+    listener.close()
+    return clients, accepted
+
+
+class _Lease:
+    """``with pool.connection() as sock:`` for the queue pools, as a plain class."""
+
+    __slots__ = ("_pool", "_sock", "_timeout")
+
+    def __init__(self, pool: LifoPool, timeout: float | None) -> None:
+        self._pool = pool
+        self._timeout = timeout
+
+    def __enter__(self) -> Sock:
+        self._sock = self._pool.get(self._timeout)
+        return self._sock
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._pool.put(self._sock)
+
+
+class LifoPool:
+    """A ``LifoQueue`` of sockets: the usual hand-written gevent pool."""
+
+    def __init__(self, socks: Iterable[Sock]) -> None:
+        self._queue: LifoQueue[Sock] = LifoQueue()
+        for sock in socks:
+            self._queue.put(sock)
+
+    def get(self, timeout: float | None = None) -> Sock:
+        sock: Sock = self._queue.get(timeout=timeout)
+        return sock
+
+    def put(self, sock: Sock) -> None:
+        self._queue.put(sock)
+
+    def connection(self, timeout: float | None = None) -> _Lease:
+        return _Lease(self, timeout)
+
+
+class CheckedLifoPool(LifoPool):
+    """``LifoPool`` that checks liveness at checkout and drops dead sockets."""
+
+    def get(self, timeout: float | None = None) -> Sock:
+        while True:
+            sock = super().get(timeout)
+            if not is_dead(sock):
+                return sock
+            sock.close()
+
+
+def gsocketpool_pool(socks: Iterable[Sock]) -> Any:
+    """A gsocketpool ``Pool`` over already connected sockets."""
+    from gsocketpool import Connection, Pool  # type: ignore[import-untyped]
+
+    class Loopback(Connection):  # type: ignore[misc]
+        def __init__(self, sock: Sock) -> None:
+            self.sock = sock
+
+        def open(self) -> None:
+            pass
+
+        def close(self) -> None:
+            self.sock.close()
+
+        def get(self) -> Sock:
+            return self.sock
+
+        def is_connected(self) -> bool:
+            return True
+
+    pending = list(socks)
+    return Pool(
+        lambda: Loopback(pending.pop()),
+        initial_connections=len(pending),
+        max_connections=len(pending),
+        reap_expired_connections=False,
+    )
+
+
+class GeventConnPoolPort:
+    """geventconnpool 0.2.1 ``ConnectionPool`` minus its Python 2-only start-up."""
+
+    def __init__(self, socks: Iterable[Sock], exc_classes: tuple[type[BaseException], ...]) -> None:
+        self.conn: deque[Sock] = deque(socks)
+        self.lock = BoundedSemaphore(len(self.conn))
+        self.exc_classes = exc_classes
+
+    def _addOne(self) -> None:
+        raise NotImplementedError
+
+    @contextmanager
+    def get(self) -> Iterator[Sock]:
+        self.lock.acquire()
+        try:
+            c = self.conn.popleft()
+            yield c
+        except self.exc_classes:
+            gevent.spawn_later(1, self._addOne)
+            raise
+        except:
+            self.conn.append(c)
+            self.lock.release()
+            raise
+        else:
+            self.conn.append(c)
+            self.lock.release()
+
+
+def close_all(socks: Iterable[Sock]) -> None:
+    for sock in socks:
+        sock.close()

@@ -1,0 +1,149 @@
+"""Uncontended lend + return: one greenlet, 16 pooled loopback TCP connections."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from callosum_gevent import CallosumClient
+
+from ._harness import Samples, fmt_stat, interleave, print_table, ratio_stat, stat, target
+from ._peers import (
+    CheckedLifoPool,
+    GeventConnPoolPort,
+    LifoPool,
+    Sock,
+    close_all,
+    gsocketpool_pool,
+    loopback_pairs,
+)
+
+N_CONNECTIONS = 16
+REFERENCE = "LifoQueue with"
+# Pools that, like ours, are packaged or check liveness; the bare LifoQueue
+# wrapper does neither and is reported on its own line.
+GEVENT_PEERS_WITH = ("LifoQueue+check with", "gsocketpool with", "geventconnpool* with")
+
+
+def per_op(loop: Callable[[int], None], n: int) -> Callable[[], float]:
+    """Turn ``loop(n)`` into a sampler returning nanoseconds per iteration."""
+
+    def sample() -> float:
+        start = time.perf_counter_ns()
+        loop(n)
+        return (time.perf_counter_ns() - start) / n
+
+    return sample
+
+
+def filled_client(socks: list[Sock]) -> CallosumClient:
+    client = CallosumClient(max_slots=len(socks))
+    for slot, sock in enumerate(socks):
+        assert client.new_connection(slot, sock)
+    return client
+
+
+def variants(socks: list[Sock], n: int) -> dict[str, Callable[[], float]]:
+    """The lend + return loops; each pool gets its own copy of the socket list."""
+    floor = list(socks)
+    lifo = LifoPool(socks)
+    checked = CheckedLifoPool(socks)
+    gsp = gsocketpool_pool(socks)
+    gcp = GeventConnPoolPort(socks, (OSError,))
+    client = filled_client(socks)
+
+    def floor_loop(n: int) -> None:
+        for _ in range(n):
+            floor.append(floor.pop())
+
+    def lifo_raw(n: int) -> None:
+        for _ in range(n):
+            lifo.put(lifo.get())
+
+    def lifo_with(n: int) -> None:
+        for _ in range(n):
+            with lifo.connection():
+                pass
+
+    def checked_with(n: int) -> None:
+        for _ in range(n):
+            with checked.connection():
+                pass
+
+    def gsp_with(n: int) -> None:
+        for _ in range(n):
+            with gsp.connection():
+                pass
+
+    def gcp_with(n: int) -> None:
+        for _ in range(n):
+            with gcp.get():
+                pass
+
+    def callosum_raw(n: int) -> None:
+        for _ in range(n):
+            client.return_connection(client.get_connection())
+
+    def callosum_with(n: int) -> None:
+        for _ in range(n):
+            with client.connection():
+                pass
+
+    loops = {
+        "list pop/append": floor_loop,
+        "LifoQueue get/put": lifo_raw,
+        "LifoQueue with": lifo_with,
+        "LifoQueue+check with": checked_with,
+        "gsocketpool with": gsp_with,
+        "geventconnpool* with": gcp_with,
+        "callosum get/return": callosum_raw,
+        "callosum with": callosum_with,
+    }
+    return {name: per_op(loop, n) for name, loop in loops.items()}
+
+
+def faster_than(samples: Samples, peers: Sequence[str], what: str) -> dict[str, Any]:
+    ours = samples["callosum with"]
+    best = min(peers, key=lambda p: ratio_stat(samples[p], ours)["median"])
+    margin = ratio_stat(samples[best], ours)["median"]
+    return target(
+        f"callosum `with` faster than {what}",
+        margin > 1.0,
+        f"{stat(ours)['median']:.0f} ns vs {best} {stat(samples[best])['median']:.0f} ns "
+        f"(peer/ours, pair by pair: {margin:.2f}x)",
+    )
+
+
+def run(quick: bool) -> dict[str, Any]:
+    n, repeats = (2_000, 3) if quick else (20_000, 15)
+    clients, servers = loopback_pairs(N_CONNECTIONS)
+    try:
+        samples = interleave(variants(clients, n), repeats)
+    finally:
+        close_all(clients + servers)
+    ref = samples[REFERENCE]
+    rows = [
+        [name, fmt_stat(stat(ns)), fmt_stat(ratio_stat(ns, ref), 2)] for name, ns in samples.items()
+    ]
+    print_table(
+        f"pool: one lend + return, 1 greenlet, {N_CONNECTIONS} loopback TCP connections, "
+        f"{n:,} cycles x {repeats} repeats (* = geventconnpool 0.2.1 get() ported: it does not "
+        "import on Python 3)",
+        ["variant", "ns/cycle median (min-max)", f"ratio to {REFERENCE}"],
+        rows,
+    )
+    targets = [
+        faster_than(samples, GEVENT_PEERS_WITH, "every gevent peer's `with`"),
+        faster_than(samples, ["LifoQueue with"], "the bare LifoQueue `with` (no check)"),
+    ]
+    return {
+        "connections": N_CONNECTIONS,
+        "cycles": n,
+        "repeats": repeats,
+        "ns_per_cycle": samples,
+        "summary": {name: stat(ns) for name, ns in samples.items()},
+        "ratio_to_reference": {name: ratio_stat(ns, ref) for name, ns in samples.items()},
+        "reference": REFERENCE,
+        "targets": targets,
+    }
