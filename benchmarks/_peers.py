@@ -24,6 +24,9 @@ from gevent import socket
 from gevent.lock import BoundedSemaphore
 from gevent.queue import LifoQueue
 
+from callosum_gevent import CallosumClient
+from callosum_gevent._slotline import read_slot_line
+
 Sock: TypeAlias = socket.socket
 Address = tuple[str, int]
 PEEK = stdsocket.MSG_PEEK | stdsocket.MSG_DONTWAIT
@@ -39,22 +42,11 @@ def is_dead(sock: Sock) -> bool:
         return True
 
 
-def read_slot(sock: Sock) -> int:
-    """Read the Callosum slot line (``b"13\\r\\n"``) the server sends first."""
-    line = b""
-    while not line.endswith(b"\n"):
-        chunk = sock.recv(16)
-        if not chunk:
-            raise ConnectionError("server closed before sending its slot line")
-        line += chunk
-    return int(line)
-
-
 def open_slotted(address: Address) -> tuple[int, Sock]:
     """Connect to a slot-line server; return ``(slot, socket)``."""
     sock = socket.create_connection(address)
     sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
-    return read_slot(sock), sock
+    return read_slot_line(sock, timeout=10.0), sock
 
 
 def open_many(address: Address, n: int, concurrency: int = 50) -> list[tuple[int, Sock]]:
@@ -82,6 +74,14 @@ def loopback_pairs(n: int) -> tuple[list[Sock], list[Sock]]:
     acceptor.join()
     listener.close()
     return clients, accepted
+
+
+def filled_client(socks: list[Sock]) -> CallosumClient:
+    """A ``CallosumClient`` holding ``socks`` as slots 0, 1, 2, ..."""
+    client = CallosumClient(max_slots=len(socks))
+    for slot, sock in enumerate(socks):
+        assert client.new_connection(slot, sock)
+    return client
 
 
 class _Lease:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
-
-from callosum_gevent import CallosumClient
 
 from ._harness import Samples, fmt_stat, interleave, print_table, ratio_stat, stat, target
 from ._peers import (
@@ -15,6 +14,7 @@ from ._peers import (
     LifoPool,
     Sock,
     close_all,
+    filled_client,
     gsocketpool_pool,
     loopback_pairs,
 )
@@ -37,11 +37,15 @@ def per_op(loop: Callable[[int], None], n: int) -> Callable[[], float]:
     return sample
 
 
-def filled_client(socks: list[Sock]) -> CallosumClient:
-    client = CallosumClient(max_slots=len(socks))
-    for slot, sock in enumerate(socks):
-        assert client.new_connection(slot, sock)
-    return client
+def with_loop(lend: Callable[[], AbstractContextManager[Any]]) -> Callable[[int], None]:
+    """The loop ``with lend(): pass``, n times."""
+
+    def loop(n: int) -> None:
+        for _ in range(n):
+            with lend():
+                pass
+
+    return loop
 
 
 def variants(socks: list[Sock], n: int) -> dict[str, Callable[[], float]]:
@@ -61,44 +65,19 @@ def variants(socks: list[Sock], n: int) -> dict[str, Callable[[], float]]:
         for _ in range(n):
             lifo.put(lifo.get())
 
-    def lifo_with(n: int) -> None:
-        for _ in range(n):
-            with lifo.connection():
-                pass
-
-    def checked_with(n: int) -> None:
-        for _ in range(n):
-            with checked.connection():
-                pass
-
-    def gsp_with(n: int) -> None:
-        for _ in range(n):
-            with gsp.connection():
-                pass
-
-    def gcp_with(n: int) -> None:
-        for _ in range(n):
-            with gcp.get():
-                pass
-
     def callosum_raw(n: int) -> None:
         for _ in range(n):
             client.return_connection(client.get_connection())
 
-    def callosum_with(n: int) -> None:
-        for _ in range(n):
-            with client.connection():
-                pass
-
     loops = {
         "list pop/append": floor_loop,
         "LifoQueue get/put": lifo_raw,
-        "LifoQueue with": lifo_with,
-        "LifoQueue+check with": checked_with,
-        "gsocketpool with": gsp_with,
-        "geventconnpool* with": gcp_with,
+        "LifoQueue with": with_loop(lifo.connection),
+        "LifoQueue+check with": with_loop(checked.connection),
+        "gsocketpool with": with_loop(gsp.connection),
+        "geventconnpool* with": with_loop(gcp.get),
         "callosum get/return": callosum_raw,
-        "callosum with": callosum_with,
+        "callosum with": with_loop(client.connection),
     }
     return {name: per_op(loop, n) for name, loop in loops.items()}
 
