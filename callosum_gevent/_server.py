@@ -49,7 +49,8 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
     ``ssl_context=``, ``spawn=``, ``with``). The default ``spawn`` is an
     unbounded :class:`gevent.pool.Pool`, so ``stop(timeout)`` kills handlers
     still running after ``timeout`` and closes their connections, and clients
-    move elsewhere.
+    move elsewhere. Unless the process is monkey-patched, ``ssl_context``
+    must be a :class:`gevent.ssl.SSLContext`, or TLS handshakes block the hub.
 
     :param slots: a :class:`ServerSlots` to share or inspect; a fresh one if
         None. With ``weight`` > 1 it counts weight-fold positions, not slots.
@@ -91,8 +92,8 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
             raise ValueError(f"slot_line_timeout must be > 0 and finite, got {slot_line_timeout}")
         self._slots = ServerSlots() if slots is None else slots
         self._weight = weight
-        self.max_connections = max_connections
-        self.slot_line_timeout = float(slot_line_timeout)
+        self._max_connections = max_connections
+        self._slot_line_timeout = float(slot_line_timeout)
         self._accepted = 0
         self._refused = 0
         self._active = 0
@@ -111,6 +112,16 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
     def weight(self) -> int:
         """Return how many connections share each slot number."""
         return self._weight
+
+    @property
+    def max_connections(self) -> int | None:
+        """Return the most connections served at once, or None for no limit."""
+        return self._max_connections
+
+    @property
+    def slot_line_timeout(self) -> float:
+        """Return the seconds allowed to send the slot line."""
+        return self._slot_line_timeout
 
     @property
     def active(self) -> int:
@@ -135,7 +146,7 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
 
     def handle(self, sock: Any, address: Any) -> None:
         """Give ``sock`` a slot, send the slot line, run the user's handler."""
-        if self.max_connections is not None and self._active >= self.max_connections:
+        if self._max_connections is not None and self._active >= self._max_connections:
             self._refused += 1
             _log.debug("refusing %s: %d connections already", address, self._active)
             return
@@ -159,7 +170,7 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
     def _send_slot_line(self, sock: Any, address: Any, slot: int) -> bool:
         """Send the slot line within ``slot_line_timeout``; say whether it went."""
         timeout = sock.gettimeout()
-        sock.settimeout(self.slot_line_timeout)
+        sock.settimeout(self._slot_line_timeout)
         try:
             sock.sendall(b"%d\r\n" % slot)
         except OSError as exc:

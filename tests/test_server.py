@@ -331,3 +331,18 @@ def test_bad_arguments_are_rejected(
     kwargs.setdefault("handle", until_eof)
     with pytest.raises(error, match=name):
         CallosumServer(("127.0.0.1", 0), **kwargs)
+
+
+def test_set_handle_replaces_the_handler_and_keeps_slots(start: Start) -> None:
+    server = start(until_eof)
+    with pytest.raises(TypeError, match="handle"):
+        server.set_handle("not callable")
+
+    def greet(sock: Any, address: Any) -> None:
+        sock.sendall(b"hi")
+
+    server.set_handle(greet)
+    with connect(server) as conn:
+        assert read_slot(conn) == 0
+        assert conn.recv(16) == b"hi"
+    assert freed(server) == [0]
