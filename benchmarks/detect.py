@@ -21,7 +21,15 @@ from callosum_gevent import CallosumClient, PoolTimeout
 
 from ._child import ChildServer
 from ._harness import print_table, stat, target
-from ._peers import CheckedLifoPool, LifoPool, Sock, gsocketpool_pool, is_dead, open_many
+from ._peers import (
+    CheckedLifoPool,
+    LifoPool,
+    Sock,
+    close_all,
+    gsocketpool_pool,
+    is_dead,
+    open_many,
+)
 
 
 class TimedSocket(socket.socket):  # type: ignore[misc]
@@ -76,9 +84,7 @@ def one_round(child: ChildServer, n: int, gap: float) -> tuple[list[float], dict
     }
     dead = {name: dead_handed_out(lend, n) for name, lend in lends.items()}
     client.close()
-    for socks in others:
-        for sock in socks:
-            sock.close()
+    close_all(sock for socks in others for sock in socks)
     return latencies, dead
 
 
