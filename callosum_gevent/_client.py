@@ -1,5 +1,508 @@
-"""Placeholder: being written."""
+"""CallosumClient: the greenlet-safe, self-balancing connection pool."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import weakref
+from types import TracebackType
+from typing import Any, Final, Protocol
+
+import gevent
+from gevent.event import Event
+from gevent.monkey import get_original
+
+from ._state import IDLE, LEASED, RETIRED, Entry, PoolState
+from .errors import PoolClosed, PoolTimeout
+
+__all__ = ["CallosumClient"]
+
+_log = logging.getLogger("callosum_gevent")
+
+# The unpatched poll: gevent's would wait on the hub, and a hand-out check
+# must neither block nor yield.
+_poll = get_original("select", "poll")
+_select = get_original("select", ["POLLIN", "POLLPRI", "POLLRDHUP"])
+# Readable, urgent data or peer shutdown; POLLERR/POLLHUP/POLLNVAL come anyway.
+_DEAD_MASK: Final = _select[0] | _select[1] | _select[2]
+_READ: Final = 1  # libev EV_READ
+
+_MAX_SLOT_NUMBER: Final = 2**31 - 1
+
+
+class _Socket(Protocol):
+    def fileno(self) -> int: ...
+    def close(self) -> None: ...
+
+
+class _Conn(Entry):
+    """A pooled connection: the bookkeeping entry plus its I/O helpers."""
+
+    __slots__ = ("fd", "lent_at", "poll", "watcher")
+
+    item: Any
+    poll: Any
+    watcher: Any
+
+    def __init__(self, slot: int, sock: _Socket, fd: int) -> None:
+        super().__init__(slot, sock)
+        self.fd = fd
+        self.lent_at = -1
+
+
+class _Waiter:
+    """A greenlet waiting in get_connection for a connection to be handed over."""
+
+    __slots__ = ("conn", "event")
+
+    def __init__(self) -> None:
+        self.event = Event()
+        self.conn: _Conn | None = None
+
+
+def _evict_idle(client: CallosumClient, conn: _Conn) -> None:
+    # Runs in the hub when an idle socket turns readable: FIN, RST, an error,
+    # or bytes nobody asked for. Any of them makes it unfit to lend.
+    if conn.state == IDLE:
+        client._evicted += 1
+        client._drop(conn, "evicted by watcher")
+
+
+class _Lease:
+    """``with client.connection() as sock``: return on success, discard on error."""
+
+    __slots__ = ("_client", "_sock", "_timeout")
+
+    def __init__(self, client: CallosumClient, timeout: float | None) -> None:
+        self._client = client
+        self._timeout = timeout
+
+    def __enter__(self) -> Any:
+        self._sock = sock = self._client.get_connection(self._timeout)
+        return sock
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self._client.return_connection(self._sock)
+        else:
+            # The protocol state is unknown after an error, and the borrower may
+            # already have handed the socket back: never mask their exception.
+            self._client._discard(self._sock, quiet=True)
+
+
+_clients: weakref.WeakSet[CallosumClient] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_clients):
+        client._forget_inherited()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _check_timeout(timeout: object) -> float | None:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number or None, not {type(timeout).__name__}")
+    if not timeout >= 0:
+        raise ValueError(f"timeout must be >= 0, not {timeout!r}")
+    return None if timeout == float("inf") else float(timeout)
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, not {value!r}")
+    return value
 
 
 class CallosumClient:
-    """Placeholder."""
+    """A pool of at most ``max_slots`` connections that lends the lowest slot first.
+
+    Connections come from a rover (or any code) through :meth:`new_connection`.
+    Borrowers take the idle connection with the lowest slot with
+    :meth:`get_connection` or :meth:`connection` and hand it back with
+    :meth:`return_connection`, or :meth:`discard_connection` if it is broken.
+
+    Every idle connection is watched: if its peer closes or resets it, or sends
+    bytes nobody asked for, it is closed and its slot freed on the hub's next
+    turn. At hand-out a non-blocking ``poll`` refuses one whose FIN or RST has
+    already arrived.
+
+    A client belongs to the hub of the OS thread that created it; all of its
+    methods run without yielding between reading and updating the
+    bookkeeping, so greenlets share it without locks, but threads must not.
+
+    Pooled TCP sockets get keepalive (``keepalive_idle`` seconds of silence,
+    then ``keepalive_count`` probes ``keepalive_interval`` seconds apart), so
+    a peer that vanishes without FIN or RST is found dead within
+    ``idle + interval * count`` seconds (25 s by default); ``keepalive=False``
+    leaves sockets as they are.
+    """
+
+    def __init__(
+        self,
+        max_slots: int = 100,
+        *,
+        keepalive: bool = True,
+        keepalive_idle: int = 10,
+        keepalive_interval: int = 5,
+        keepalive_count: int = 3,
+        max_slot_number: int = _MAX_SLOT_NUMBER,
+    ) -> None:
+        _check_positive_int("max_slots", max_slots)
+        _check_positive_int("keepalive_idle", keepalive_idle)
+        _check_positive_int("keepalive_interval", keepalive_interval)
+        _check_positive_int("keepalive_count", keepalive_count)
+        _check_positive_int("max_slot_number", max_slot_number)
+        if not isinstance(keepalive, bool):
+            raise TypeError(f"keepalive must be a bool, not {type(keepalive).__name__}")
+        self._max_slots = max_slots
+        self._keepalive = (
+            (keepalive_idle, keepalive_interval, keepalive_count) if keepalive else None
+        )
+        self._max_slot_number = max_slot_number
+        self._loop = gevent.get_hub().loop
+        self._state: PoolState[_Conn, _Waiter] = PoolState(max_slots)
+        # Every connection this client owns, idle or lent, by its socket.
+        self._conns: dict[Any, _Conn] = {}
+        self._closed = False
+        self._kept = self._turned_down = self._replaced = 0
+        self._evicted = self._dead_at_handout = self._dead_at_return = 0
+        self._discarded = self._waits = self._timeouts = 0
+        _clients.add(self)
+
+    # -- properties --------------------------------------------------------
+
+    @property
+    def max_slots(self) -> int:
+        """The most connections this client keeps."""
+        return self._max_slots
+
+    @property
+    def slot_count(self) -> int:
+        """Connections holding a slot, idle or lent (retired ones do not)."""
+        return self._state.slot_count
+
+    @property
+    def idle_count(self) -> int:
+        """Connections waiting in the pool to be lent."""
+        return self._state.idle_count
+
+    @property
+    def leased_count(self) -> int:
+        """Connections lent out, retired ones included."""
+        return self._state.leased_count
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has been called."""
+        return self._closed
+
+    # -- offering ----------------------------------------------------------
+
+    def new_connection(self, slot: int, sock: Any) -> bool:
+        """Keep ``sock`` (True) or close it (False), as its ``slot`` merits.
+
+        Below ``max_slots`` every connection is kept. At ``max_slots`` one
+        is kept only if its slot is lower than the highest slot held, and that
+        highest one is retired: closed now if idle, or when handed back.
+        A bad argument raises and leaves ``sock`` open for the caller.
+        """
+        if isinstance(slot, bool) or not isinstance(slot, int):
+            raise TypeError(f"slot must be an int, not {type(slot).__name__}")
+        if not 0 <= slot <= self._max_slot_number:
+            raise ValueError(f"slot must be between 0 and {self._max_slot_number}, not {slot}")
+        fileno = getattr(sock, "fileno", None)
+        if not callable(fileno) or not callable(getattr(sock, "close", None)):
+            raise TypeError(f"sock must be a socket, not {type(sock).__name__}")
+        fd = fileno()
+        if not isinstance(fd, int) or fd < 0:
+            raise ValueError("sock is closed")
+        if sock in self._conns:
+            raise ValueError("sock is already pooled by this client")
+        if self._closed:
+            _close_quietly(sock)
+            self._turned_down += 1
+            return False
+        conn = _Conn(slot, sock, fd)
+        kept, displaced = self._state.admit(conn)
+        if not kept:
+            self._turned_down += 1
+            _log.debug("turned down slot %d", slot)
+            _close_quietly(sock)
+            return False
+        self._kept += 1
+        poll = _poll()
+        poll.register(fd, _DEAD_MASK)
+        conn.poll = poll.poll
+        conn.watcher = watcher = self._loop.io(fd, _READ)
+        # An idle pool must not keep the hub alive on its own.
+        watcher.ref = False
+        self._conns[sock] = conn
+        self._set_keepalive(sock)
+        if displaced is not None:
+            self._replaced += 1
+            _log.debug("slot %d replaces slot %d", slot, displaced.slot)
+            if displaced.state != RETIRED:
+                self._close(displaced)  # it was idle: the bookkeeping already let it go
+        else:
+            _log.debug("kept slot %d", slot)
+        self._release(conn)
+        return True
+
+    def _set_keepalive(self, sock: Any) -> None:
+        if self._keepalive is None:
+            return
+        try:
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                return
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            idle, interval, count = self._keepalive
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+        except (AttributeError, OSError) as exc:
+            # Not a TCP socket, or a platform without these options.
+            _log.debug("keepalive not set on %r: %s", sock, exc)
+
+    # -- lending -----------------------------------------------------------
+
+    def get_connection(self, timeout: float | None = None) -> Any:
+        """Lend the idle connection with the lowest slot, waiting if none is idle.
+
+        ``timeout=None`` waits without limit and ``0`` does not wait. Raise
+        :class:`PoolTimeout` when time runs out, :class:`PoolClosed` when the
+        client is or becomes closed. Waiters are served first come, first served.
+        """
+        if timeout is not None:
+            timeout = _check_timeout(timeout)
+        conn = self._state.lend()
+        if conn is not None and not conn.poll(0):
+            conn.watcher.stop()
+            conn.lent_at = self._loop.iteration
+            return conn.item
+        if conn is not None:
+            self._dead_at_handout += 1
+            self._drop(conn, "found dead at hand-out")
+        sock = self._take_idle()
+        return sock if sock is not None else self._wait(timeout)
+
+    def _take_idle(self) -> Any:
+        # The slow path of get_connection: skip idle connections found dead.
+        while (conn := self._state.lend()) is not None:
+            if not conn.poll(0):
+                conn.watcher.stop()
+                conn.lent_at = self._loop.iteration
+                return conn.item
+            self._dead_at_handout += 1
+            self._drop(conn, "found dead at hand-out")
+        return None
+
+    def connection(self, timeout: float | None = None) -> _Lease:
+        """Lend a connection for a ``with`` block; discard it if the block raises."""
+        return _Lease(self, timeout)
+
+    def return_connection(self, sock: Any) -> None:
+        """Hand back a lent connection: pool it, or close it if it is unfit.
+
+        A socket not lent from this client (foreign, or returned twice) raises
+        :class:`ValueError` and changes nothing.
+        """
+        conn = self._conns.get(sock)
+        if conn is None or conn.state != LEASED:
+            if conn is not None and conn.state == RETIRED:
+                self._drop(conn, "retired")
+                return
+            raise ValueError("sock is not lent from this client")
+        if self._closed:
+            self._drop(conn, "client closed")
+        elif sock.fileno() != conn.fd or (
+            # Checked at hand-out in this same turn of the hub: the FIN a poll
+            # could find now would also be found at the next hand-out, and the
+            # watcher acts on it within a turn, so save the system call.
+            (conn.lent_at != self._loop.iteration or conn.lent_at < 0) and conn.poll(0)
+        ):
+            self._dead_at_return += 1
+            self._drop(conn, "found dead at return")
+        elif self._state.waiters:
+            self._release(conn)
+        else:
+            self._state.restore(conn)
+            conn.watcher.start(_evict_idle, self, conn)
+
+    def discard_connection(self, sock: Any) -> None:
+        """Close a lent connection that is broken or mid-protocol, freeing its slot.
+
+        A socket not lent from this client raises :class:`ValueError`.
+        """
+        self._discard(sock, quiet=False)
+
+    def _discard(self, sock: Any, *, quiet: bool) -> None:
+        conn = self._conns.get(sock)
+        if conn is None or conn.state == IDLE:
+            if quiet:
+                return
+            raise ValueError("sock is not lent from this client")
+        self._discarded += 1
+        self._drop(conn, "discarded")
+
+    # -- waiting -----------------------------------------------------------
+
+    def _release(self, conn: _Conn) -> None:
+        # Hand a LEASED connection to the longest waiter, or make it idle.
+        waiter = self._state.dequeue()
+        if waiter is not None:
+            waiter.conn = conn
+            waiter.event.set()
+            return
+        self._state.restore(conn)
+        conn.watcher.start(_evict_idle, self, conn)
+
+    def _wait(self, timeout: float | None) -> Any:
+        if self._closed:
+            raise PoolClosed("client is closed")
+        if timeout == 0:
+            self._timeouts += 1
+            raise PoolTimeout("no idle connection")
+        self._waits += 1
+        state = self._state
+        waiter = _Waiter()
+        state.enqueue(waiter)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                waiter.event.wait(remaining)
+                waiter.event.clear()
+                conn = waiter.conn
+                if conn is not None:
+                    waiter.conn = None
+                    sock = self._vet_handed(conn)
+                    if sock is None:
+                        sock = self._take_idle()
+                    if sock is not None:
+                        return sock
+                    # It went bad on the way: wait again at the head of the
+                    # queue, where this waiter already stood.
+                    state.enqueue(waiter, first=True)
+                if self._closed:
+                    raise PoolClosed("client was closed while waiting")
+                if deadline is not None and time.monotonic() >= deadline:
+                    self._timeouts += 1
+                    raise PoolTimeout(f"no connection became free within {timeout} s")
+        except BaseException:
+            # Timed out, closed, killed or interrupted by an outer Timeout: leave
+            # the queue, and pass on a connection handed over meanwhile.
+            state.cancel(waiter)
+            conn = waiter.conn
+            if conn is not None:
+                waiter.conn = None
+                if conn.state == LEASED and not self._closed:
+                    self._release(conn)
+                else:
+                    self._drop(conn, "not taken")
+            raise
+
+    def _vet_handed(self, conn: _Conn) -> Any:
+        # Check a connection handed over while this waiter slept; None if unfit.
+        if conn.state != LEASED or self._closed:
+            self._drop(conn, "retired or client closed")
+        elif conn.poll(0):
+            self._dead_at_handout += 1
+            self._drop(conn, "found dead at hand-out")
+        else:
+            conn.lent_at = self._loop.iteration
+            return conn.item
+        return None
+
+    # -- closing -----------------------------------------------------------
+
+    def _drop(self, conn: _Conn, why: str) -> None:
+        self._state.remove(conn)
+        self._close(conn)
+        _log.debug("closed slot %d: %s", conn.slot, why)
+
+    def _close(self, conn: _Conn) -> None:
+        # Stop watching before closing: libev must never watch a closed fd.
+        conn.watcher.stop()
+        conn.watcher.close()
+        self._conns.pop(conn.item, None)
+        _close_quietly(conn.item)
+
+    def close(self) -> None:
+        """Close idle connections and wake waiters with :class:`PoolClosed`.
+
+        Connections still lent are closed when handed back. Idempotent.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for conn in self._state.idle_entries():
+            self._drop(conn, "client closed")
+        while (waiter := self._state.dequeue()) is not None:
+            waiter.event.set()
+        _clients.discard(self)
+
+    def _forget_inherited(self) -> None:
+        # In a forked child: the parent's connections are not ours to use. Close
+        # our copies of the descriptors (the parent's stay open: no shutdown()),
+        # and start afresh with the same settings.
+        for conn in list(self._conns.values()):
+            conn.watcher.stop()
+            _close_quietly(conn.item)
+        waiters = self._state.waiters
+        self._loop = gevent.get_hub().loop
+        self._conns = {}
+        self._state = PoolState[_Conn, _Waiter](self._max_slots)
+        self._state.waiters = waiters
+
+    def __enter__(self) -> CallosumClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- reporting ---------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        """Return the counters and the current idle, leased and waiting counts."""
+        return {
+            "kept": self._kept,
+            "turned_down": self._turned_down,
+            "replaced": self._replaced,
+            "evicted": self._evicted,
+            "dead_at_handout": self._dead_at_handout,
+            "dead_at_return": self._dead_at_return,
+            "discarded": self._discarded,
+            "waits": self._waits,
+            "timeouts": self._timeouts,
+            "slots": self._state.slot_count,
+            "idle": self._state.idle_count,
+            "leased": self._state.leased_count,
+            "waiting": len(self._state.waiters),
+        }
+
+    def __repr__(self) -> str:
+        state = self._state
+        closed = " closed" if self._closed else ""
+        return (
+            f"<CallosumClient{closed} slots={state.slot_count}/{self._max_slots} "
+            f"idle={state.idle_count} leased={state.leased_count} waiting={len(state.waiters)}>"
+        )
+
+
+def _close_quietly(sock: Any) -> None:
+    try:
+        sock.close()
+    except OSError as exc:
+        _log.debug("error closing %r: %s", sock, exc)
