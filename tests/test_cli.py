@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import socket as stdsocket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -9,9 +11,12 @@ from typing import Any
 
 import gevent
 import pytest
+from _processes import line_server, run_python, stop
 from gevent import socket
 
 from callosum_gevent import CallosumServer, ProtocolError
+from callosum_gevent.__main__ import main
+from callosum_gevent._demo import CallosumPools, DemoOptions, Progress, RandomPools, run_once
 from callosum_gevent._lineproto import MAX_LINE, LineService, read_line, request
 from callosum_gevent._slotline import read_slot_line
 
@@ -127,3 +132,104 @@ def test_request_refuses_bad_messages_before_sending(message: Any, error: type) 
 def test_line_service_names_the_bad_argument(kwargs: dict[str, Any], name: str) -> None:
     with pytest.raises(ValueError, match=name):
         LineService(**kwargs)
+
+
+SMALL_DEMO = ["--requests", "400", "--duration", "1", "--users", "40", "--max-slots", "4"]
+
+
+def table_rows(output: str) -> dict[str, list[str]]:
+    """Return the table's rows by first word, cells split on ``|``."""
+    return {
+        line.split()[0]: [cell.strip() for cell in line.split("|")]
+        for line in output.splitlines()
+        if line.count("|") == 2 and line.split()
+    }
+
+
+@pytest.mark.timeout(40)
+def test_demo_runs_a_small_workload_and_prints_the_table(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["demo", *SMALL_DEMO, "--clients", "2", "--seed", "7"]) == 0
+    out, err = capsys.readouterr()
+    rows = table_rows(out)
+    assert set(rows) >= {"server", "s1", "s2", "s3", "s4", "s5", "all"}
+    assert "2x slower" in rows["s4"][0] and "killed" in rows["s1"][0]
+    for pool in (1, 2):
+        served = {sid: int(rows[sid][pool].split()[1]) for sid in ("s1", "s2", "s3", "s4", "s5")}
+        # The victim served until it was killed and the newcomer after it joined.
+        assert served["s1"] > 0 and served["s5"] > 0
+        assert int(rows["all"][pool].split()[1]) == sum(served.values())
+    failed = [int(line.split()[-6]) for line in out.splitlines() if "failed after a retry" in line]
+    assert len(failed) == 2
+    assert sum(int(rows["all"][pool].split()[1]) for pool in (1, 2)) + sum(failed) == 800
+    assert "400/400 requests" in err
+    assert "Traceback" not in out + err
+
+
+@pytest.mark.timeout(60)
+def test_callosum_sends_the_slow_server_a_smaller_share_than_random_choice() -> None:
+    options = DemoOptions(requests=2400, duration=3, users=100, max_slots=8, seed=3)
+    shares = []
+    for pools in (CallosumPools, RandomPools):
+        result = run_once(options, pools, Progress(io.StringIO(), "test", options.requests))
+        served = {sid: len(latencies) for sid, latencies in result.latencies.items()}
+        shares.append(served[options.slow_id] / sum(served.values()))
+    # Random choice gives each of 4 servers about a quarter; Callosum steers
+    # away from the slow one because its connections stay busy longer.
+    assert shares[1] > 0.2
+    assert shares[0] < shares[1] * 0.8
+
+
+@pytest.mark.parametrize(
+    ("argv", "complaint"),
+    [
+        (["demo", "--servers", "1"], "servers must be >= 2"),
+        (["demo", "--requests", "0"], "requests must be >= 1"),
+        (["call", "localhost", "hi"], "is not HOST:PORT"),
+        (["serve", "--port", "x"], "invalid int value"),
+    ],
+)
+def test_bad_options_exit_2_with_a_usage_error(
+    argv: list[str], complaint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert complaint in capsys.readouterr().err
+
+
+@pytest.mark.timeout(40)
+def test_serve_and_call_talk_to_each_other_and_serve_stops_cleanly() -> None:
+    with line_server("--id", "alpha", "--service-time", "0.01") as (server, address):
+        done = run_python("-m", "callosum_gevent", "call", address, "hello there")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == f"hello there\n(answered by alpha on slot 0 at {address})\n"
+        out, err = stop(server)
+    assert server.returncode == 0, err
+    assert out.endswith("stopped\n")
+    assert "Traceback" not in err
+
+
+@pytest.mark.timeout(40)
+def test_call_goes_to_a_live_server_when_another_refuses() -> None:
+    with line_server("--id", "beta") as (_server, address):
+        done = run_python("-m", "callosum_gevent", "call", f"127.0.0.1:{free_port()}", address, "x")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("x\n(answered by beta on slot 0")
+
+
+@pytest.mark.timeout(40)
+def test_call_to_a_refused_port_exits_1_with_one_line() -> None:
+    port = free_port()
+    done = run_python("-m", "callosum_gevent", "call", f"127.0.0.1:{port}", "hello")
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr == f"callosum-gevent call: error: could not reach 127.0.0.1:{port}\n"
+
+
+def free_port() -> int:
+    """Return a loopback port that nothing listens on (just closed)."""
+    with stdsocket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
