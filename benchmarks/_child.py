@@ -2,16 +2,17 @@
 
 Run as ``python -m benchmarks._child``, it prints its port, then obeys lines on
 stdin: ``close <gap_us>`` closes every connection it holds, one every
-``gap_us`` microseconds, and answers with one JSON line mapping each client's
-port to the ``time.monotonic_ns()`` just before its close (CLOCK_MONOTONIC
-is system-wide on Linux, so the parent can subtract its own readings);
-end of input stops the server.
+``gap_us`` microseconds (``shutdown`` then ``close``), and answers with one
+JSON line mapping each client's port to the ``time.monotonic_ns()`` just
+before its shutdown (CLOCK_MONOTONIC is system-wide on Linux, so the parent
+can subtract its own readings); end of input stops the server.
 """
 
 from __future__ import annotations
 
 import json
 import resource
+import socket
 import sys
 import time
 from types import TracebackType
@@ -57,6 +58,9 @@ class EchoServer:
         for port, sock in list(self.conns.items()):
             gevent.sleep(gap)
             closed[port] = time.monotonic_ns()
+            # The FIN goes out now; a bare close() would wait for this hub's next
+            # turn, as gevent defers closing a socket a greenlet is reading.
+            sock.shutdown(socket.SHUT_RDWR)
             sock.close()
         return closed
 
