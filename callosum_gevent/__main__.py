@@ -21,6 +21,15 @@ from .errors import CallosumError
 __all__ = ["main"]
 
 _DEFAULTS = DemoOptions()
+_DEMO_OPTIONS: list[tuple[str, type, str]] = [
+    ("requests", int, "requests per pool"),
+    ("duration", float, "seconds each pool's run should take"),
+    ("servers", int, "servers at the start"),
+    ("clients", int, "client pools"),
+    ("max_slots", int, "connections per client"),
+    ("users", int, "greenlets sending requests"),
+    ("seed", int, "seed for service and think times"),
+]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,45 +49,13 @@ def _parser() -> argparse.ArgumentParser:
         "pool, each against fresh local servers (one slower), killing one server part "
         "way and adding one later; print a table per server.",
     )
-    demo.add_argument(
-        "--requests",
-        type=int,
-        default=_DEFAULTS.requests,
-        help="requests per pool (default %(default)s)",
-    )
-    demo.add_argument(
-        "--duration",
-        type=float,
-        default=_DEFAULTS.duration,
-        help="seconds each pool's run should take (default %(default)s)",
-    )
-    demo.add_argument(
-        "--servers",
-        type=int,
-        default=_DEFAULTS.servers,
-        help="servers at the start (default %(default)s)",
-    )
-    demo.add_argument(
-        "--clients", type=int, default=_DEFAULTS.clients, help="client pools (default %(default)s)"
-    )
-    demo.add_argument(
-        "--max-slots",
-        type=int,
-        default=_DEFAULTS.max_slots,
-        help="connections per client (default %(default)s)",
-    )
-    demo.add_argument(
-        "--users",
-        type=int,
-        default=_DEFAULTS.users,
-        help="greenlets sending requests (default %(default)s)",
-    )
-    demo.add_argument(
-        "--seed",
-        type=int,
-        default=_DEFAULTS.seed,
-        help="seed for service and think times (default %(default)s)",
-    )
+    for name, kind, text in _DEMO_OPTIONS:
+        demo.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            default=getattr(_DEFAULTS, name),
+            help=f"{text} (default %(default)s)",
+        )
 
     serve = commands.add_parser(
         "serve",
@@ -122,15 +99,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _demo_options(args: argparse.Namespace) -> DemoOptions:
-    return DemoOptions(
-        requests=args.requests,
-        duration=args.duration,
-        servers=args.servers,
-        clients=args.clients,
-        max_slots=args.max_slots,
-        users=args.users,
-        seed=args.seed,
-    )
+    return DemoOptions(**{name: getattr(args, name) for name, _, _ in _DEMO_OPTIONS})
 
 
 def _serve(args: argparse.Namespace) -> int:
