@@ -40,7 +40,7 @@ FACTORS = (1, 1, 2, 4)  # service-time multipliers
 CAPACITY_WEIGHTS = (4, 4, 2, 1)  # proportional to WORKERS / (BASE * factor)
 CAPACITY = sum(WORKERS / (BASE * f) for f in FACTORS)  # requests per second
 N_CLIENTS = 20
-MAX_SLOTS = 4
+MAX_SLOTS = 8
 ROVE_INTERVAL = 0.1
 REQ_TIMEOUT = 2.0
 SAMPLE_EVERY = 0.05
@@ -66,7 +66,7 @@ FULL = Mode((0.5, 0.7, 0.9), BALANCERS, warm=1.5, measure=6.0, pre=0.5, gap=1.0,
 # The smoke run leaves out random and round-robin: they cannot keep up above
 # about 36% load, and their timed-out requests would double its length.
 QUICK_BALANCERS = ("callosum", "callosum-weighted", "least-conn", "p2c", "oracle-jsq")
-QUICK = Mode((TARGET_LOAD,), QUICK_BALANCERS, warm=0.5, measure=1.0, pre=0.2, gap=0.3, after=0.7)
+QUICK = Mode((TARGET_LOAD,), QUICK_BALANCERS, warm=0.4, measure=1.0, pre=0.2, gap=0.3, after=0.6)
 
 
 class RequestTimeout(Exception):
@@ -101,6 +101,9 @@ class Fleet:
     def kill(self, index: int) -> None:
         self.procs[index].kill()
         self.procs[index].wait()
+        # The dead server cannot count its connections and requests down.
+        for field in (IN_SYSTEM, CONNS):
+            self.stats.add(index, field, -self.stats.get(index, field))
 
     def close(self) -> None:
         for proc in self.procs.values():
@@ -145,11 +148,16 @@ def issue(balancer: Balancer, rec: Record) -> None:
 
 
 def generate(
-    balancer: Balancer, rate: float, until: float, records: list[Record], group: Group
+    balancer: Balancer,
+    arrivals: random.Random,
+    rate: float,
+    until: float,
+    records: list[Record],
+    group: Group,
 ) -> None:
     """Open loop: start a request at each Poisson arrival, never wait for one."""
     t = time.perf_counter()
-    while (t := t + random.expovariate(rate)) < until:
+    while (t := t + arrivals.expovariate(rate)) < until:
         delay = t - time.perf_counter()
         if delay > 0:
             gevent.sleep(delay)
@@ -196,9 +204,10 @@ def run_one(name: str, load: float, mode: Mode, churn: bool) -> RunData:
         marks = {"start": time.perf_counter()}
         cpu0 = time.process_time()
         until = marks["start"] + duration
-        gens = [
-            gevent.spawn(generate, b, load * CAPACITY / N_CLIENTS, until, records, group)
-            for b in balancers
+        rate = load * CAPACITY / N_CLIENTS
+        gens = [  # seeded, so every balancer gets the same arrivals
+            gevent.spawn(generate, b, random.Random(i), rate, until, records, group)
+            for i, b in enumerate(balancers)
         ]
         sampler = gevent.spawn(sample, fleet, len(fleet.procs), samples)
         gevent.sleep(mode.warm)
@@ -290,6 +299,8 @@ def churn(run: RunData) -> dict[str, Any]:
     failed = [r for r in after if r.error is not None]
     in_flight = [r for r in failed if r.sid == KILLED and 0 < r.sent < kill]
     joined = join_time(run)
+    late = (run.marks["add"] + run.marks["end"]) / 2
+    done = delta(run, late, run.marks["end"], DONE)[0]
     return {
         "requests": len(after),
         "failed": len(failed),
@@ -299,6 +310,7 @@ def churn(run: RunData) -> dict[str, Any]:
         "errors": sorted({r.error for r in failed if r.error}),
         "join_s": joined,
         "join_intervals": None if joined is None else joined / ROVE_INTERVAL,
+        "late_joiner_vs_twin": done[JOINER] / max(1, done[TWIN]),
     }
 
 
@@ -329,6 +341,7 @@ def print_steady(load: float, rows: dict[str, dict[str, Any]]) -> None:
             "failed/req",
             "util % s0 s1 s2 s3",
             "share % s0 s1 s2 s3",
+            "conns s0 s1 s2 s3",
             "client cpu",
         ],
         [
@@ -340,6 +353,7 @@ def print_steady(load: float, rows: dict[str, dict[str, Any]]) -> None:
                 f"{r['failed']}/{r['requests']}",
                 " ".join(f"{u * 100:.0f}" for u in r["utilisation"]),
                 " ".join(f"{s * 100:.0f}" for s in r["share"]),
+                " ".join(f"{c:.0f}" for c in r["mean_conns"]),
                 f"{r['client_cpu']:.0%}",
             ]
             for name, r in rows.items()
@@ -357,6 +371,7 @@ def print_churn(load: float, rows: dict[str, dict[str, Any]]) -> None:
             "failed in flight",
             "failed other",
             "joiner at share after",
+            "joiner/twin, late",
         ],
         [
             [
@@ -368,6 +383,7 @@ def print_churn(load: float, rows: dict[str, dict[str, Any]]) -> None:
                 "never"
                 if r["join_s"] is None
                 else f"{r['join_s'] * 1000:.0f} ms ({r['join_intervals']:.1f} intervals)",
+                f"{r['late_joiner_vs_twin']:.2f}",
             ]
             for name, r in rows.items()
         ],
