@@ -109,6 +109,22 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _unfit_check(sock: Any, fd: int) -> Any:
+    """Return ``check(0)``: truthy when ``sock`` is closed, reset or has stray bytes."""
+    poll = _poll()
+    poll.register(fd, _DEAD_MASK)
+    pending = getattr(sock, "pending", None)
+    if not callable(pending):
+        return poll.poll
+    # TLS: stray bytes may sit decrypted in the SSL object, out of poll's sight.
+    check = poll.poll
+
+    def check_tls(timeout: int) -> Any:
+        return check(timeout) or pending()
+
+    return check_tls
+
+
 def _check_timeout(timeout: object) -> float | None:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise TypeError(f"timeout must be a number or None, not {type(timeout).__name__}")
@@ -242,9 +258,7 @@ class CallosumClient:
             _close_quietly(sock)
             return False
         self._kept += 1
-        poll = _poll()
-        poll.register(fd, _DEAD_MASK)
-        conn.poll = poll.poll
+        conn.poll = _unfit_check(sock, fd)
         conn.watcher = watcher = self._loop.io(fd, _READ)
         # An idle pool must not keep the hub alive on its own.
         watcher.ref = False

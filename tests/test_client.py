@@ -484,3 +484,28 @@ def test_forked_child_starts_afresh_without_closing_parents(peers: PeerServer) -
     assert os.waitstatus_to_exitcode(status) == 0
     assert not peer_saw_eof(peer, timeout=0.1)  # the parent's connection is still up
     assert client.get_connection(timeout=0) is sock
+
+
+def test_tls_bytes_buffered_in_ssl_object_are_caught_at_hand_out(peers: PeerServer) -> None:
+    import trustme
+    from gevent import ssl
+
+    ca = trustme.CA()
+    # gevent's SSLContext: the stdlib's (what create_default_context makes)
+    # would block the hub during the handshake.
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("localhost").configure_cert(server_ctx)
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ca.configure_trust(client_ctx)
+    raw, raw_peer = peers.connect()
+    handshake = gevent.spawn(server_ctx.wrap_socket, raw_peer, server_side=True)
+    sock = client_ctx.wrap_socket(raw, server_hostname="localhost")
+    peer = handshake.get(timeout=5)
+    peer.sendall(b"0\r\nstale")  # one TLS record: the slot line and stray bytes
+    assert sock.recv(3) == b"0\r\n"
+    assert sock.pending() == 5  # decrypted, buffered: the kernel socket is quiet
+    client = CallosumClient()
+    assert client.new_connection(0, sock)
+    with pytest.raises(PoolTimeout):
+        client.get_connection(timeout=0)
+    assert client.stats()["dead_at_handout"] == 1 and is_closed(sock)
