@@ -1,0 +1,48 @@
+"""Count what a test could leak: file descriptors, live greenlets, errors escaping greenlets."""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import gevent
+from greenlet import greenlet
+
+__all__ = ["HubErrors", "live_greenlets", "open_fds"]
+
+
+def open_fds() -> int:
+    """Return how many file descriptors this process has open."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def live_greenlets() -> int:
+    """Return how many greenlets exist that have not finished (the hub and main included)."""
+    gc.collect()
+    return sum(1 for obj in gc.get_objects() if isinstance(obj, greenlet) and not obj.dead)
+
+
+class HubErrors:
+    """Record every error the hub reports, i.e. every exception that escapes a greenlet."""
+
+    def __init__(self) -> None:
+        self.errors: list[tuple[Any, type[BaseException] | None, BaseException | None]] = []
+
+    @contextmanager
+    def recording(self) -> Iterator[HubErrors]:
+        hub = gevent.get_hub()
+        original = hub.handle_error
+
+        def handle_error(context: Any, type_: Any, value: Any, tb: Any) -> None:
+            self.errors.append((context, type_, value))
+            original(context, type_, value, tb)
+
+        hub.handle_error = handle_error
+        try:
+            yield self
+        finally:
+            # The instance attribute shadows the method; removing it restores the method.
+            del hub.handle_error
