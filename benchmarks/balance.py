@@ -505,7 +505,18 @@ def run(quick: bool) -> dict[str, Any]:
         "request_timeout_s": REQ_TIMEOUT,
         "mode": mode.__dict__,
     }
-    return results
+    return json_safe(results)
+
+
+def json_safe(value: Any) -> Any:
+    """Replace infinite latencies (failed requests) with None, which JSON can hold."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def draw_charts(
