@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from gevent import socket
@@ -127,7 +127,8 @@ class CallosumBalancer:
 
     def __init__(self, servers: dict[int, Address], max_slots: int, interval: float) -> None:
         self.client = CallosumClient(max_slots=max_slots)
-        self.rover = Rover(self.client, dict(servers), interval=interval)
+        routes: dict[Hashable, Address] = {sid: addr for sid, addr in servers.items()}
+        self.rover = Rover(self.client, routes, interval=interval)
         self.sid_by_port = {addr[1]: sid for sid, addr in servers.items()}
         self.rover.start()
 

@@ -505,7 +505,8 @@ def run(quick: bool) -> dict[str, Any]:
         "request_timeout_s": REQ_TIMEOUT,
         "mode": mode.__dict__,
     }
-    return json_safe(results)
+    safe: dict[str, Any] = json_safe(results)
+    return safe
 
 
 def json_safe(value: Any) -> Any:
