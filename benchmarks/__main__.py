@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         missed += sum(not t["met"] for t in result.get("targets", []))
         record = {"name": name, "quick": args.quick, "seconds": seconds, "machine": info, **result}
         print(f"[{name}] {seconds:.1f} s, written to {save_json(name, record, out_dir)}")
-    print(f"\n{missed} target(s) missed")
+    note = " (quick: a smoke run, too short for the figures to mean much)" if args.quick else ""
+    print(f"\n{missed} target(s) missed{note}")
     return 0
 
 
