@@ -39,7 +39,7 @@ FAILURES = (OSError, CallosumError)
 #: Upper bound on one attempt, so a lost reply cannot hang the demo.
 ATTEMPT_TIMEOUT = 10.0
 #: How often each full client is offered a connection; often, as a run lasts seconds.
-ROVE_INTERVAL = 0.05
+ROVE_INTERVAL = 0.1
 KILL_AT = 0.4
 JOIN_AT = 0.65
 
@@ -52,7 +52,7 @@ class DemoOptions:
     duration: float = 8.0
     servers: int = 4
     clients: int = 4
-    max_slots: int = 12
+    max_slots: int = 4
     users: int = 200
     seed: int = 1
     service_time: float = 0.010
@@ -368,29 +368,34 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
 
 
+def _all_latencies(result: RunResult) -> list[float]:
+    return [x for xs in result.latencies.values() for x in xs]
+
+
 def _columns(result: RunResult, sid: str | None) -> str:
     if sid is None:
-        latencies = [x for xs in result.latencies.values() for x in xs]
+        latencies = _all_latencies(result)
         held = tuple(sum(c[i] for c in result.connections.values()) for i in (0, 1))
     else:
         latencies = result.latencies.get(sid, [])
         held = result.connections.get(sid, (0, 0))
     conns = f"{held[0]}/{held[1]}"
     if not latencies:
-        return f"{conns:>10} {0:>7} {'-':>8} {'-':>8}"
+        return f"{conns:>9} {0:>6} {'-':>7} {'-':>7}"
     mean = 1000 * sum(latencies) / len(latencies)
     p99 = 1000 * percentile(latencies, 0.99)
-    return f"{conns:>10} {len(latencies):>7} {mean:>8.1f} {p99:>8.1f}"
+    return f"{conns:>9} {len(latencies):>6} {mean:>7.1f} {p99:>7.1f}"
 
 
 def format_table(options: DemoOptions, callosum: RunResult, baseline: RunResult) -> str:
-    """Lay the two runs out side by side, one row per server."""
-    head = f"{'conns':>10} {'served':>7} {'mean ms':>8} {'p99 ms':>8}"
+    """Lay the two runs out side by side, one row per server, and sum them up."""
+    head = f"{'held/peak':>9} {'served':>6} {'mean ms':>7} {'p99 ms':>7}"
     width = len(head)
+    rule = "-" * (6 + 1 + 12 + 3 + width + 3 + width)
     lines = [
-        f"{'':<6} {'':<13} | {'Callosum':^{width}} | {'random choice':^{width}}",
-        f"{'server':<6} {'note':<13} | {head} | {head}",
-        "-" * (6 + 1 + 13 + 3 + width + 3 + width),
+        f"{'':<19} | {'Callosum':^{width}} | {'random choice':^{width}}",
+        f"{'server':<6} {'':<12} | {head} | {head}",
+        rule,
     ]
     notes = {
         options.slow_id: f"{options.slowdown:g}x slower",
@@ -399,16 +404,26 @@ def format_table(options: DemoOptions, callosum: RunResult, baseline: RunResult)
     }
     for sid in [*options.server_ids, options.joiner_id]:
         lines.append(
-            f"{sid:<6} {notes.get(sid, ''):<13} | "
+            f"{sid:<6} {notes.get(sid, ''):<12} | "
             f"{_columns(callosum, sid)} | {_columns(baseline, sid)}"
         )
-    lines.append(lines[2])
-    lines.append(f"{'all':<6} {'':<13} | {_columns(callosum, None)} | {_columns(baseline, None)}")
+    lines.append(rule)
+    lines.append(f"{'all':<19} | {_columns(callosum, None)} | {_columns(baseline, None)}")
+    lines.append("held/peak: connections open at the end / at most, rovers' probes included")
     for name, result in (("Callosum", callosum), ("random choice", baseline)):
         lines.append(
             f"{name}: {result.retried} retried, {result.failed} failed after a retry, "
             f"{result.elapsed:.1f} s"
         )
+    tails, shares = [], []
+    for result in (callosum, baseline):
+        tails.append(1000 * percentile(_all_latencies(result) or [0.0], 0.99))
+        served = sum(map(len, result.latencies.values())) or 1
+        shares.append(len(result.latencies.get(options.slow_id, [])) / served)
+    lines.append(
+        f"Callosum vs random choice: p99 {tails[0]:.1f} vs {tails[1]:.1f} ms; the slow server "
+        f"{options.slow_id} served {shares[0]:.0%} vs {shares[1]:.0%} of requests"
+    )
     return "\n".join(lines)
 
 
@@ -421,10 +436,11 @@ def run_demo(options: DemoOptions, out: TextIO | None = None, err: TextIO | None
     err = err or sys.stderr
     out.write(
         f"{options.servers} servers ({options.slow_id} {options.slowdown:g}x slower, "
-        f"{options.capacity} requests at once each), {options.clients} clients x "
-        f"{options.max_slots} slots, {options.users} users, {options.requests} requests "
-        f"per pool in ~{options.duration:g} s; {options.victim_id} is killed after "
-        f"{KILL_AT:.0%}, {options.joiner_id} joins after {JOIN_AT:.0%}\n"
+        f"{options.capacity} requests at once each); {options.clients} clients x "
+        f"{options.max_slots} connections in both pools;\n{options.users} users send "
+        f"{options.requests} requests per pool in ~{options.duration:g} s; "
+        f"{options.victim_id} is killed after {KILL_AT:.0%}, {options.joiner_id} joins "
+        f"after {JOIN_AT:.0%}.\n"
     )
     out.flush()
     results = [
