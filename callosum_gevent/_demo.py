@@ -327,6 +327,7 @@ def _drive(
     # Users think between requests so that the offered load matches --duration.
     think = options.users * options.duration / options.requests
     issued = 0
+    finished = gevent.event.Event()
 
     def attempt(client: int, message: str) -> str:
         with gevent.Timeout(ATTEMPT_TIMEOUT, TimeoutError("no reply in time")):
@@ -354,12 +355,20 @@ def _drive(
                 latency = time.perf_counter() - started
                 result.latencies.setdefault(server_id, []).append(latency)
             progress.done += 1
+            if progress.done == options.requests:
+                finished.set()
             while milestones and progress.done >= milestones[0][0]:
                 gevent.spawn(milestones.pop(0)[1])
 
     started = time.perf_counter()
-    gevent.joinall([gevent.spawn(user, n) for n in range(options.users)], raise_error=True)
+    users = [gevent.spawn(user, n) for n in range(options.users)]
+    for greenlet in users:
+        greenlet.link_exception(lambda _: finished.set())
+    finished.wait()
     result.elapsed = time.perf_counter() - started
+    # The rest are thinking, with nothing left to send; a user that crashed raises here.
+    gevent.killall(users)
+    gevent.joinall(users, raise_error=True)
 
 
 def percentile(values: list[float], share: float) -> float:
