@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import gevent
+from gevent.threadpool import _WorkerGreenlet
 from greenlet import greenlet
 
 __all__ = ["HubErrors", "live_greenlets", "open_fds"]
@@ -20,9 +21,23 @@ def open_fds() -> int:
 
 
 def live_greenlets() -> int:
-    """Return how many greenlets exist that have not finished (the hub and main included)."""
+    """Count this thread's greenlets that have not finished, the hub and main included.
+
+    The threads of gevent's resolver pool, which grows on demand and stays,
+    are left out: their greenlets are the pool's, not the code under test's.
+    """
     gc.collect()
-    return sum(1 for obj in gc.get_objects() if isinstance(obj, greenlet) and not obj.dead)
+    main = greenlet.getcurrent()
+    while main.parent is not None:
+        main = main.parent
+    return sum(
+        1
+        for obj in gc.get_objects()
+        if isinstance(obj, greenlet)
+        and not obj.dead
+        and (obj.parent is not None or obj is main)
+        and not isinstance(obj, _WorkerGreenlet)
+    )
 
 
 class HubErrors:
