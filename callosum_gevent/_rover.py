@@ -1,5 +1,479 @@
-"""Placeholder: being written."""
+"""The rover: keep offering a client fresh connections to randomly chosen servers."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import socket
+import ssl
+import time
+from collections import Counter
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import gevent
+import gevent.event
+import gevent.pool
+import gevent.ssl
+from gevent import socket as gsocket
+
+from ._slotline import DEFAULT_MAX_SLOT, read_slot_line
+from .errors import PoolClosed, ProtocolError
+
+__all__ = ["Address", "ConnectionSink", "Rover", "parse_address"]
+
+_log = logging.getLogger("callosum_gevent")
+
+#: A server address: ``(host, port)``, ``"host:port"`` or ``"[v6-host]:port"``.
+Address = tuple[str, int] | str
+#: ``on_unreachable(server_id, (host, port))``.
+UnreachableCallback = Callable[[Hashable, tuple[str, int]], object]
+
+_COUNTERS = (
+    "attempts",
+    "kept",
+    "turned_down",
+    "connect_errors",
+    "protocol_errors",
+    "resolve_errors",
+    "client_errors",
+)
+
+
+class ConnectionSink(Protocol):
+    """What a rover feeds: CallosumClient, or anything with this method."""
+
+    def new_connection(self, slot: int, sock: socket.socket) -> bool: ...
+
+
+def parse_address(address: object, name: str = "address") -> tuple[str, int]:
+    """Return ``(host, port)`` for a tuple or ``"host:port"`` string; raise naming *name*."""
+    if isinstance(address, str):
+        host, colon, port_text = address.rpartition(":")
+        if not colon or not port_text.isascii() or not port_text.isdigit():
+            raise ValueError(f"{name} {address!r} is not 'host:port'")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        elif ":" in host:
+            raise ValueError(f"{name} {address!r}: write an IPv6 host in brackets, '[::1]:4040'")
+        port = int(port_text)
+    elif isinstance(address, tuple) and len(address) == 2:
+        host_part, port_part = address
+        if not isinstance(host_part, str) or type(port_part) is not int:
+            raise TypeError(f"{name} must be (str, int), got {address!r}")
+        host, port = host_part, port_part
+    else:
+        raise TypeError(
+            f"{name} must be a (host, port) tuple or a 'host:port' string,"
+            f" got {type(address).__name__}"
+        )
+    if not host:
+        raise ValueError(f"{name} {address!r} has an empty host")
+    if not 0 < port < 65536:
+        raise ValueError(f"{name} {address!r} has port {port} outside 1-65535")
+    return host, port
+
+
+def _check_number(name: str, value: object, *, integer: bool = False, minimum: float = 0) -> None:
+    """Raise unless *value* is a finite number (an int if *integer*) above *minimum*.
+
+    For ints, *minimum* itself is allowed; for seconds, it is not.
+    """
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        kind = "an int" if integer else "a number"
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
+    ok = value >= minimum if integer else math.isfinite(value) and value > minimum
+    if not ok:
+        raise ValueError(f"{name} must be {'>=' if integer else '>'} {minimum}, got {value!r}")
+
+
+@dataclass(eq=False)
+class _Endpoint:
+    """One resolved address of a server, with its own backoff."""
+
+    server_id: Hashable
+    family: int
+    sockaddr: tuple[Any, ...]
+    failures: int = 0
+    due: float = 0.0  # monotonic time before which it is not tried
+    in_flight: int = 0
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.sockaddr[0], self.sockaddr[1]
+
+
+@dataclass(eq=False)
+class _Server:
+    id: Hashable
+    host: str
+    port: int
+    endpoints: list[_Endpoint] = field(default_factory=list)
+    resolve_due: float = 0.0  # monotonic time when the host name is looked up again
+    resolve_failures: int = 0
+    resolving: bool = False
 
 
 class Rover:
-    """Placeholder."""
+    """Open connections to random servers and offer them to a client.
+
+    While the client holds fewer than ``max_slots`` connections the rover
+    fills it fast, up to ``fill_concurrency`` attempts at a time; once full it
+    makes one attempt every ``interval`` seconds (±10% jitter, so that many
+    clients do not rove in lockstep), which lets the client trade its highest
+    slots for lower ones. A client without ``slot_count`` and ``max_slots``
+    counts as full.
+
+    A host name that resolves to several addresses counts as one server per
+    address; names are looked up again every ``resolve_interval`` seconds and
+    after a connection to them fails. A server that cannot be reached or that
+    breaks the protocol is logged, counted in :meth:`stats`, reported to
+    ``on_unreachable(server_id, (host, port))`` and backed off exponentially
+    (``backoff_base`` doubling up to ``backoff_max`` seconds, jittered); it
+    stays in the list, and one success resets its backoff.
+
+    Nothing runs until :meth:`start` (or ``with rover:``); :meth:`stop` ends
+    every greenlet the rover started and closes connections still being set
+    up. ``start`` on a running rover does nothing. ``rove()`` runs in the
+    caller's greenlet and is not stopped by ``stop``.
+
+    :param client: receives ``client.new_connection(slot, sock)``; it owns the
+        socket from then on, whatever it returns.
+    :param servers: ``{server_id: address}``; an address is ``(host, port)``,
+        ``"host:port"`` or ``"[ipv6]:port"``.
+    :param connect_timeout: bound on connecting, including a TLS handshake.
+    :param slot_timeout: bound on reading the whole slot line.
+    :param max_slot: a slot above this is a protocol error.
+    :param ssl_context: speak TLS to the servers; the host name checked is
+        ``server_hostname`` or else the host of each server's address.
+    """
+
+    def __init__(
+        self,
+        client: ConnectionSink,
+        servers: Mapping[Hashable, Address] | None = None,
+        *,
+        interval: float = 1.0,
+        connect_timeout: float = 1.0,
+        slot_timeout: float = 1.0,
+        fill_concurrency: int = 8,
+        max_slot: int = DEFAULT_MAX_SLOT,
+        resolve_interval: float = 30.0,
+        backoff_base: float = 0.1,
+        backoff_max: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        on_unreachable: UnreachableCallback | None = None,
+    ) -> None:
+        if not callable(getattr(client, "new_connection", None)):
+            raise TypeError("client must have a new_connection(slot, sock) method")
+        if servers is None:
+            servers = {}
+        if not isinstance(servers, Mapping):
+            raise TypeError(f"servers must be a mapping of id to address, got {type(servers)}")
+        parsed = {id_: parse_address(a, f"servers[{id_!r}]") for id_, a in servers.items()}
+        for name in ("interval", "connect_timeout", "slot_timeout", "resolve_interval"):
+            _check_number(name, locals()[name])
+        for name in ("backoff_base", "backoff_max"):
+            _check_number(name, locals()[name])
+        if backoff_max < backoff_base:
+            raise ValueError(f"backoff_max {backoff_max} must be >= backoff_base {backoff_base}")
+        _check_number("fill_concurrency", fill_concurrency, integer=True, minimum=1)
+        _check_number("max_slot", max_slot, integer=True)
+        if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
+            raise TypeError(f"ssl_context must be an ssl.SSLContext, got {type(ssl_context)}")
+        if server_hostname is not None and not isinstance(server_hostname, str):
+            raise TypeError(f"server_hostname must be a str, got {type(server_hostname)}")
+        if on_unreachable is not None and not callable(on_unreachable):
+            raise TypeError("on_unreachable must be callable")
+
+        self._client = client
+        self.interval = float(interval)
+        self.connect_timeout = float(connect_timeout)
+        self.slot_timeout = float(slot_timeout)
+        self.fill_concurrency = fill_concurrency
+        self.max_slot = max_slot
+        self.resolve_interval = float(resolve_interval)
+        self.backoff_base = float(backoff_base)
+        self.backoff_max = float(backoff_max)
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname
+        self.on_unreachable = on_unreachable
+
+        self._servers = {id_: _Server(id_, *hp) for id_, hp in parsed.items()}
+        self._counts: Counter[str] = Counter(dict.fromkeys(_COUNTERS, 0))
+        self._failures: Counter[Hashable] = Counter()
+        self._pool = gevent.pool.Pool(fill_concurrency)
+        self._loop: gevent.Greenlet | None = None
+        # Set whenever something the loop waits on changes: an attempt ended,
+        # a server was added or resolved, or wake() was called.
+        self._wakeup = gevent.event.Event()
+        self._client_closed = False
+        self._in_flight = 0
+
+    # -- public API ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Start roving in the background; do nothing if already running."""
+        if self._loop is None or self._loop.dead:
+            self._loop = gevent.spawn(self._run)
+
+    def stop(self) -> None:
+        """Stop roving: end every greenlet started here and close connections in setup."""
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            loop.kill(block=True)
+        self._pool.kill(block=True)
+        self._in_flight = 0  # attempts killed before they ran never counted down
+
+    def wake(self) -> None:
+        """Check the client now rather than at the next tick, e.g. after it lost connections."""
+        self._wakeup.set()
+
+    def rove(self) -> int | None:
+        """Make one attempt now, in this greenlet; return the slot read, or None.
+
+        A server in backoff is tried anyway if no other is due.
+        """
+        return self._attempt(force=True)
+
+    def add_server(self, server_id: Hashable, address: Address) -> None:
+        """Add a server to rove to; raise ValueError if *server_id* is already known."""
+        if not isinstance(server_id, Hashable):
+            raise TypeError(f"server_id must be hashable, got {type(server_id).__name__}")
+        host, port = parse_address(address)
+        if server_id in self._servers:
+            raise ValueError(f"server_id {server_id!r} is already known")
+        self._servers[server_id] = _Server(server_id, host, port)
+        self._wakeup.set()
+
+    def drop_server(self, server_id: Hashable) -> None:
+        """Stop roving to a server; connections to it already pooled stay."""
+        if not isinstance(server_id, Hashable) or server_id not in self._servers:
+            raise ValueError(f"server_id {server_id!r} is not known")
+        del self._servers[server_id]
+
+    @property
+    def running(self) -> bool:
+        return self._loop is not None and not self._loop.dead
+
+    def stats(self) -> dict[str, Any]:
+        """Return counters, per-server failures and the current shape of the server list."""
+        now = time.monotonic()
+        endpoints = [ep for server in self._servers.values() for ep in server.endpoints]
+        return {
+            **self._counts,
+            "failures": dict(self._failures),
+            "servers": len(self._servers),
+            "endpoints": len(endpoints),
+            "backed_off": sum(ep.due > now for ep in endpoints),
+            "in_flight": self._in_flight,
+            "running": self.running,
+        }
+
+    def __enter__(self) -> Rover:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return (
+            f"<Rover {state} servers={len(self._servers)} attempts={self._counts['attempts']}"
+            f" kept={self._counts['kept']} in_flight={self._in_flight}>"
+        )
+
+    # -- the loop -----------------------------------------------------------
+
+    def _missing(self) -> int:
+        """Return how many connections the client lacks (0 if it cannot say)."""
+        held = getattr(self._client, "slot_count", None)
+        wanted = getattr(self._client, "max_slots", None)
+        if not isinstance(held, int) or not isinstance(wanted, int):
+            return 0
+        return wanted - held
+
+    def _run(self) -> None:
+        next_rove = time.monotonic()
+        while not self._client_closed:
+            self._wakeup.clear()
+            now = time.monotonic()
+            missing = self._missing()
+            timeout: float | None = None
+            if missing <= 0 and now < next_rove:
+                timeout = next_rove - now
+            # Filling keeps fill_concurrency attempts going even when fewer are
+            # missing, so attempts stalled on a slow server cannot stop it.
+            elif self._in_flight < (self.fill_concurrency if missing > 0 else 1):
+                due_in = self._due_in(now)
+                if due_in == 0.0:
+                    # Counted by hand: the pool forgets a greenlet only some
+                    # time after it ends, too late for the wakeup it sends.
+                    self._in_flight += 1
+                    self._pool.spawn(self._background_attempt)
+                    if missing <= 0:
+                        next_rove = now + self.interval * random.uniform(0.9, 1.1)
+                    continue
+                timeout = due_in
+            # Otherwise the pool is busy: the next attempt to end wakes us.
+            self._wakeup.wait(timeout)
+
+    def _due_in(self, now: float) -> float | None:
+        """Return seconds until some server may be tried (0.0: now), or None if none exist."""
+        servers = list(self._servers.values())
+        if any(s.resolve_due <= now and not s.resolving for s in servers):
+            return 0.0
+        dues = [ep.due for s in servers for ep in s.endpoints]
+        return max(0.0, min(dues) - now) if dues else None
+
+    def _background_attempt(self) -> None:
+        try:
+            self._attempt(force=False)
+        finally:
+            self._in_flight -= 1
+            self._wakeup.set()
+
+    # -- one attempt --------------------------------------------------------
+
+    def _pick(self, force: bool) -> _Endpoint | None:
+        """Choose a random endpoint that is not backed off, resolving names that are due."""
+        for server in list(self._servers.values()):
+            if server.resolve_due <= time.monotonic() and not server.resolving:
+                self._resolve(server)
+        now = time.monotonic()
+        endpoints = [ep for server in self._servers.values() for ep in server.endpoints]
+        ready = [ep for ep in endpoints if ep.due <= now]
+        if ready:
+            # Least busy first, so a server that stalls attempts holds at most
+            # one more of them than the others and cannot take over the pool.
+            least = min(ep.in_flight for ep in ready)
+            return random.choice([ep for ep in ready if ep.in_flight == least])
+        if force and endpoints:
+            return min(endpoints, key=lambda ep: ep.due)
+        return None
+
+    def _resolve(self, server: _Server) -> None:
+        server.resolving = True
+        try:
+            infos = gsocket.getaddrinfo(server.host, server.port, 0, socket.SOCK_STREAM)
+        except OSError as exc:
+            server.resolve_failures += 1
+            server.resolve_due = time.monotonic() + self._backoff(server.resolve_failures)
+            self._failed(server.id, (server.host, server.port), "resolve_errors", exc)
+            return
+        finally:
+            server.resolving = False
+            self._wakeup.set()
+        # Keep the backoff of addresses the name still has.
+        old = {ep.sockaddr: ep for ep in server.endpoints}
+        fresh = {info[4]: info[0] for info in infos}
+        server.endpoints = [
+            old.get(sockaddr) or _Endpoint(server.id, family, sockaddr)
+            for sockaddr, family in fresh.items()
+        ]
+        server.resolve_failures = 0
+        server.resolve_due = time.monotonic() + self.resolve_interval
+
+    def _backoff(self, failures: int) -> float:
+        delay = min(self.backoff_max, self.backoff_base * 2.0 ** min(failures - 1, 64))
+        return delay * random.uniform(0.5, 1.0)
+
+    def _attempt(self, force: bool) -> int | None:
+        endpoint = self._pick(force)
+        if endpoint is None:
+            return None
+        self._counts["attempts"] += 1
+        endpoint.in_flight += 1
+        sock: Any = None
+        try:
+            sock = gsocket.socket(endpoint.family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with gevent.Timeout(self.connect_timeout, TimeoutError("connect timed out")):
+                sock.connect(endpoint.sockaddr)
+                if self.ssl_context is not None:
+                    sock = self._wrap(sock, endpoint)
+                    sock.do_handshake()
+            slot = read_slot_line(sock, self.slot_timeout, self.max_slot)
+            offered, sock = sock, None
+        except ProtocolError as exc:
+            self._endpoint_failed(endpoint, "protocol_errors", exc)
+            return None
+        except OSError as exc:
+            self._endpoint_failed(endpoint, "connect_errors", exc)
+            return None
+        finally:
+            endpoint.in_flight -= 1
+            # Still set only if the attempt failed or was killed (stop()).
+            if sock is not None:
+                sock.close()
+        endpoint.failures, endpoint.due = 0, 0.0
+        self._offer(slot, offered)
+        return slot
+
+    def _wrap(self, sock: Any, endpoint: _Endpoint) -> Any:
+        hostname = self.server_hostname
+        if hostname is None:
+            server = self._servers.get(endpoint.server_id)
+            hostname = server.host if server is not None else endpoint.address[0]
+        # gevent's SSLSocket accepts a plain ssl.SSLContext; its wrap_socket
+        # would build a blocking stdlib socket instead.
+        return gevent.ssl.SSLSocket(
+            sock=sock,
+            server_hostname=hostname,
+            do_handshake_on_connect=False,
+            _context=self.ssl_context,
+        )
+
+    def _offer(self, slot: int, sock: Any) -> None:
+        try:
+            kept = self._client.new_connection(slot, sock)
+        except PoolClosed:
+            sock.close()
+            _log.info("rover: client closed, roving ends")
+            self._client_closed = True
+            self._wakeup.set()
+            return
+        except Exception:
+            # A faulty client must not end the rover; the socket is ours again.
+            sock.close()
+            self._counts["client_errors"] += 1
+            _log.exception("rover: client.new_connection(%d, ...) raised", slot)
+            return
+        self._counts["kept" if kept else "turned_down"] += 1
+
+    def _endpoint_failed(self, endpoint: _Endpoint, kind: str, exc: Exception) -> None:
+        now = time.monotonic()
+        # Attempts that were in flight together fail together: back off one
+        # step for all of them, not one step each.
+        first = endpoint.due <= now
+        if first:
+            endpoint.failures += 1
+            endpoint.due = now + self._backoff(endpoint.failures)
+        server = self._servers.get(endpoint.server_id)
+        if server is not None and kind == "connect_errors":
+            server.resolve_due = 0.0  # the name may point elsewhere now
+        warn = first and endpoint.failures == 1
+        self._failed(endpoint.server_id, endpoint.address, kind, exc, warn)
+
+    def _failed(
+        self,
+        server_id: Hashable,
+        address: tuple[str, int],
+        kind: str,
+        exc: Exception,
+        warn: bool = True,
+    ) -> None:
+        self._counts[kind] += 1
+        self._failures[server_id] += 1
+        # Warn when a server starts failing; repeats while it stays down are noise.
+        level = logging.WARNING if warn else logging.DEBUG
+        _log.log(level, "rover: server %r at %s: %s: %s", server_id, address, kind, exc)
+        if self.on_unreachable is not None:
+            try:
+                self.on_unreachable(server_id, address)
+            except Exception:
+                _log.exception("rover: on_unreachable(%r, %s) raised", server_id, address)

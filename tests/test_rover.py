@@ -1,0 +1,546 @@
+"""The rover against real loopback servers: filling, roving, failures, backoff, stop, TLS."""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket as stdsocket
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import gevent
+import gevent.ssl
+import pytest
+import trustme
+from _lineservers import ScriptServer, reset, send_segments, wait_until
+from gevent import socket
+
+from callosum_gevent import CallosumServer, PoolClosed, Rover
+from callosum_gevent._rover import parse_address
+
+
+class Recorder:
+    """The smallest client: keeps up to max_slots sockets and records every offer."""
+
+    def __init__(self, max_slots: int = 10) -> None:
+        self.max_slots = max_slots
+        self.kept: list[tuple[int, Any]] = []
+        self.offers: list[int] = []
+
+    @property
+    def slot_count(self) -> int:
+        return len(self.kept)
+
+    def new_connection(self, slot: int, sock: Any) -> bool:
+        self.offers.append(slot)
+        if len(self.kept) < self.max_slots:
+            self.kept.append((slot, sock))
+            return True
+        sock.close()
+        return False
+
+    def lose(self, count: int) -> None:
+        for _ in range(count):
+            self.kept.pop()[1].close()
+
+
+def until_eof(sock: Any, _address: Any) -> None:
+    while sock.recv(4096):
+        pass
+
+
+def echo(sock: Any, _address: Any) -> None:
+    while data := sock.recv(4096):
+        sock.sendall(data)
+
+
+def free_port() -> int:
+    """Return a loopback port nothing listens on (bound once, then released)."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port: int = probe.getsockname()[1]
+    probe.close()
+    return port
+
+
+def address_of(server: Any) -> tuple[str, int]:
+    host, port = server.address[:2]
+    return host, port
+
+
+@pytest.fixture
+def recorder() -> Iterator[Recorder]:
+    rec = Recorder()
+    yield rec
+    rec.lose(len(rec.kept))
+
+
+@pytest.fixture
+def make_server() -> Iterator[Callable[..., CallosumServer]]:
+    started: list[CallosumServer] = []
+
+    def make(handle: Any = until_eof, address: Any = ("127.0.0.1", 0), **kw: Any) -> Any:
+        server = CallosumServer(address, handle, **kw)
+        server.start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop(timeout=0.1)  # handlers wait for EOF; don't wait for them
+
+
+@pytest.fixture
+def make_rover() -> Iterator[Callable[..., Rover]]:
+    rovers: list[Rover] = []
+
+    def make(client: Any, servers: Any, **kw: Any) -> Rover:
+        rover = Rover(client, servers, **kw)
+        rovers.append(rover)
+        return rover
+
+    yield make
+    for rover in rovers:
+        rover.stop()
+
+
+# -- arguments ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        (("10.0.0.5", 4040), ("10.0.0.5", 4040)),
+        ("backend-b:4040", ("backend-b", 4040)),
+        ("[::1]:4040", ("::1", 4040)),
+        ("127.0.0.1:1", ("127.0.0.1", 1)),
+    ],
+)
+def test_parse_address(address: Any, expected: tuple[str, int]) -> None:
+    assert parse_address(address) == expected
+
+
+@pytest.mark.parametrize(
+    ("address", "error"),
+    [
+        ("backend", ValueError),
+        ("backend:", ValueError),
+        ("backend:http", ValueError),
+        ("backend:٤٠", ValueError),
+        ("backend:+40", ValueError),
+        (":4040", ValueError),
+        ("::1:4040", ValueError),
+        ("backend:0", ValueError),
+        ("backend:65536", ValueError),
+        (("backend", "4040"), TypeError),
+        (("backend", True), TypeError),
+        ((b"backend", 4040), TypeError),
+        (("backend", 4040, 0), TypeError),
+        (4040, TypeError),
+        (None, TypeError),
+    ],
+)
+def test_bad_addresses_are_rejected(address: Any, error: type[Exception]) -> None:
+    with pytest.raises(error, match=r"servers\['s'\]"):
+        Rover(Recorder(), {"s": address})
+    rover = Rover(Recorder(), {})
+    with pytest.raises(error, match="address"):
+        rover.add_server("s", address)
+    assert rover.stats()["servers"] == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    [
+        ({"interval": 0}, ValueError, "interval"),
+        ({"interval": -1.0}, ValueError, "interval"),
+        ({"interval": math.nan}, ValueError, "interval"),
+        ({"interval": math.inf}, ValueError, "interval"),
+        ({"interval": "1"}, TypeError, "interval"),
+        ({"interval": True}, TypeError, "interval"),
+        ({"connect_timeout": 0}, ValueError, "connect_timeout"),
+        ({"slot_timeout": -1}, ValueError, "slot_timeout"),
+        ({"resolve_interval": 0}, ValueError, "resolve_interval"),
+        ({"fill_concurrency": 0}, ValueError, "fill_concurrency"),
+        ({"fill_concurrency": 2.0}, TypeError, "fill_concurrency"),
+        ({"max_slot": -1}, ValueError, "max_slot"),
+        ({"backoff_base": 0}, ValueError, "backoff_base"),
+        ({"backoff_base": 2.0, "backoff_max": 1.0}, ValueError, "backoff_max"),
+        ({"ssl_context": object()}, TypeError, "ssl_context"),
+        ({"server_hostname": b"x"}, TypeError, "server_hostname"),
+        ({"on_unreachable": 3}, TypeError, "on_unreachable"),
+    ],
+)
+def test_bad_options_are_rejected(
+    kwargs: dict[str, Any], error: type[Exception], name: str
+) -> None:
+    with pytest.raises(error, match=name):
+        Rover(Recorder(), {}, **kwargs)
+
+
+def test_bad_client_and_servers_are_rejected() -> None:
+    with pytest.raises(TypeError, match="client"):
+        Rover(object(), {})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="servers"):
+        Rover(Recorder(), [("127.0.0.1", 1)])  # type: ignore[arg-type]
+
+
+def test_add_and_drop_unknown_or_duplicate_ids() -> None:
+    rover = Rover(Recorder(), {"a": "127.0.0.1:1"})
+    with pytest.raises(ValueError, match="server_id 'a'"):
+        rover.add_server("a", "127.0.0.1:2")
+    with pytest.raises(ValueError, match="server_id 'b'"):
+        rover.drop_server("b")
+    with pytest.raises(TypeError, match="server_id"):
+        rover.add_server(["c"], "127.0.0.1:2")  # type: ignore[arg-type]
+    assert rover.stats()["servers"] == 1
+
+
+# -- one attempt ---------------------------------------------------------------
+
+
+@pytest.mark.timeout(10)
+def test_rove_hands_lowest_slots_to_the_client(recorder: Recorder, make_server: Any) -> None:
+    server = make_server()
+    rover = Rover(recorder, {"a": address_of(server)})
+    assert not rover.running
+    assert [rover.rove(), rover.rove(), rover.rove()] == [0, 1, 2]
+    assert [slot for slot, _ in recorder.kept] == [0, 1, 2]
+    sock = recorder.kept[0][1]
+    assert sock.getsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY)
+    assert rover.stats()["attempts"] == 3
+    assert rover.stats()["kept"] == 3
+    assert server.active == 3
+
+
+@pytest.mark.timeout(10)
+def test_turned_down_connection_is_closed(make_server: Any) -> None:
+    server = make_server()
+    rec = Recorder(max_slots=1)
+    rover = Rover(rec, {"a": address_of(server)})
+    assert rover.rove() == 0
+    assert rover.rove() == 1
+    assert rover.stats()["turned_down"] == 1
+    assert wait_until(lambda: server.active == 1)
+    rec.lose(1)
+
+
+BAD_SERVERS = [
+    pytest.param(send_segments([b"GET / HTTP/1.1\r\n"]), "protocol_errors", id="garbage"),
+    pytest.param(send_segments(["١٢\r\n".encode()]), "protocol_errors", id="arabic-indic"),
+    pytest.param(send_segments([b"+5\r\n"]), "protocol_errors", id="plus"),
+    pytest.param(send_segments([b"-1\r\n"]), "protocol_errors", id="negative"),
+    pytest.param(send_segments([b"%d\r\n" % 10**40]), "protocol_errors", id="huge"),
+    pytest.param(send_segments([b"1" * 100]), "protocol_errors", id="endless-digits"),
+    pytest.param(send_segments([b"5\n"]), "protocol_errors", id="bare-lf"),
+    pytest.param(send_segments([]), "protocol_errors", id="silent"),
+    pytest.param(send_segments([b"1"] * 50, gap=0.05), "protocol_errors", id="slow-drip"),
+    pytest.param(lambda sock: sock.shutdown(stdsocket.SHUT_WR), "protocol_errors", id="eof"),
+    pytest.param(reset, "connect_errors", id="reset"),
+]
+
+
+@pytest.mark.timeout(15)
+@pytest.mark.parametrize(("script", "kind"), BAD_SERVERS)
+def test_bad_server_is_counted_reported_and_closed(
+    recorder: Recorder, make_server: Any, script: Any, kind: str
+) -> None:
+    reports: list[tuple[Any, tuple[str, int]]] = []
+    good = make_server()
+    with ScriptServer(script) as bad:
+        rover = Rover(
+            recorder,
+            {"bad": bad.address},
+            slot_timeout=0.3,
+            on_unreachable=lambda *report: reports.append(report),
+        )
+        assert rover.rove() is None
+        stats = rover.stats()
+        assert stats[kind] == 1
+        assert stats["attempts"] == 1
+        assert stats["kept"] == 0
+        assert stats["failures"] == {"bad": 1}
+        assert stats["backed_off"] == 1
+        assert reports == [("bad", bad.address)]
+        assert recorder.offers == []
+        if script is not reset:
+            # The rover closed its end.
+            assert wait_until(lambda: bad.peer_closed == 1)
+        # The rover still works.
+        rover.add_server("good", address_of(good))
+        assert rover.rove() == 0
+
+
+@pytest.mark.timeout(10)
+def test_refused_port_is_a_connect_error(recorder: Recorder) -> None:
+    reports: list[Any] = []
+    address = ("127.0.0.1", free_port())
+    rover = Rover(recorder, {"gone": address}, on_unreachable=lambda *r: reports.append(r))
+    assert rover.rove() is None
+    assert rover.stats()["connect_errors"] == 1
+    assert reports == [("gone", address)]
+
+
+@pytest.mark.timeout(10)
+def test_failing_callback_does_not_stop_the_rover(
+    recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    def explode(*_report: Any) -> None:
+        raise RuntimeError("callback bug")
+
+    rover = Rover(recorder, {"gone": ("127.0.0.1", free_port())}, on_unreachable=explode)
+    with caplog.at_level(logging.WARNING, logger="callosum_gevent"):
+        assert rover.rove() is None
+        assert rover.rove() is None
+    assert rover.stats()["connect_errors"] == 2
+    assert any("on_unreachable" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.timeout(10)
+def test_backed_off_server_is_avoided_and_success_resets_it(make_server: Any) -> None:
+    recorder = Recorder(max_slots=50)
+    good = make_server()
+    port = free_port()
+    rover = Rover(recorder, {"flaky": ("127.0.0.1", port)}, backoff_base=30.0, backoff_max=60.0)
+    assert rover.rove() is None
+    rover.add_server("good", address_of(good))
+    for _ in range(20):
+        assert rover.rove() is not None
+    assert rover.stats()["connect_errors"] == 1
+    assert good.active == 20
+    # Alone and backed off, the server is still tried by rove(); once it is
+    # back, one success clears its backoff.
+    rover.drop_server("good")
+    recorder.lose(20)
+    flaky = make_server(address=("127.0.0.1", port))
+    assert rover.rove() == 0
+    assert rover.stats()["backed_off"] == 0
+    assert flaky.active == 1
+    recorder.lose(1)
+
+
+@pytest.mark.timeout(10)
+def test_client_errors_close_the_socket(make_server: Any) -> None:
+    server = make_server()
+
+    class Broken:
+        def new_connection(self, slot: int, sock: Any) -> bool:
+            raise RuntimeError("client bug")
+
+    rover = Rover(Broken(), {"a": address_of(server)})
+    assert rover.rove() == 0
+    assert rover.stats()["client_errors"] == 1
+    assert wait_until(lambda: server.active == 0)
+
+
+@pytest.mark.timeout(10)
+def test_closed_client_ends_roving(make_server: Any) -> None:
+    server = make_server()
+
+    class Closed(Recorder):
+        def new_connection(self, slot: int, sock: Any) -> bool:
+            raise PoolClosed("closed")
+
+    rover = Rover(Closed(), {"a": address_of(server)})
+    rover.start()
+    assert wait_until(lambda: not rover.running)
+    assert wait_until(lambda: server.active == 0)
+
+
+# -- the loop ----------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_fills_fast_from_three_servers_then_roves(make_server: Any, make_rover: Any) -> None:
+    servers = [make_server() for _ in range(3)]
+    rec = Recorder(max_slots=100)
+    rover = make_rover(rec, {i: address_of(s) for i, s in enumerate(servers)}, interval=0.05)
+    started = time.perf_counter()
+    rover.start()
+    assert wait_until(lambda: rec.slot_count == 100)
+    elapsed = time.perf_counter() - started
+    print(f"filled 100 slots from 3 servers in {elapsed:.3f} s")
+    assert elapsed < 5.0
+    assert all(s.active > 0 for s in servers)
+    # Turned-down extras are closed; the servers see it a moment later.
+    assert wait_until(lambda: sum(s.active for s in servers) == 100)
+    # Full: one attempt per interval, not back to back.
+    attempts = rover.stats()["attempts"]
+    assert wait_until(lambda: rover.stats()["turned_down"] >= 3)
+    gevent.sleep(0.5)
+    assert rover.stats()["attempts"] - attempts < 60  # ~10 expected; a spin makes thousands
+    rec.lose(100)
+
+
+@pytest.mark.timeout(20)
+def test_refills_after_losses_on_next_tick_or_wake(make_server: Any, make_rover: Any) -> None:
+    server = make_server()
+    rec = Recorder(max_slots=20)
+    rover = make_rover(rec, {"a": address_of(server)}, interval=0.1)
+    rover.start()
+    assert wait_until(lambda: rec.slot_count == 20)
+    rec.lose(15)
+    assert wait_until(lambda: rec.slot_count == 20)
+    # With a long interval only wake() brings the refill forward.
+    rover.interval = 3600.0
+    gevent.sleep(0.3)  # let the loop start its long wait
+    rec.lose(10)
+    rover.wake()
+    assert wait_until(lambda: rec.slot_count == 20, timeout=5)
+    rec.lose(20)
+
+
+@pytest.mark.timeout(10)
+def test_no_servers_means_no_spin_until_one_is_added(
+    recorder: Recorder, make_server: Any, make_rover: Any
+) -> None:
+    rover = make_rover(recorder, {})
+    rover.start()
+    gevent.sleep(0.2)
+    assert rover.stats()["attempts"] == 0
+    rover.add_server("a", address_of(make_server()))
+    assert wait_until(lambda: recorder.slot_count == recorder.max_slots)
+
+
+@pytest.mark.timeout(10)
+def test_backed_off_servers_wait_rather_than_spin(recorder: Recorder, make_rover: Any) -> None:
+    rover = make_rover(recorder, {"gone": ("127.0.0.1", free_port())}, backoff_base=5.0)
+    rover.start()
+    # The first burst of fill attempts fails together and backs off one step.
+    assert wait_until(lambda: rover.stats()["connect_errors"] >= 1)
+    assert wait_until(lambda: rover.stats()["in_flight"] == 0)
+    attempts = rover.stats()["attempts"]
+    gevent.sleep(0.3)
+    assert rover.stats()["attempts"] == attempts
+    assert rover.stats()["backed_off"] == 1
+
+
+@pytest.mark.timeout(15)
+def test_stop_ends_greenlets_and_closes_connections_in_setup(
+    recorder: Recorder, make_rover: Any
+) -> None:
+    with ScriptServer(send_segments([])) as silent:
+        rover = make_rover(recorder, {"silent": silent.address}, slot_timeout=30.0)
+        rover.start()
+        rover.start()  # a no-op while running
+        assert wait_until(lambda: silent.accepted == 8)  # fill_concurrency attempts in flight
+        assert rover.stats()["in_flight"] == 8
+        rover.stop()
+        assert not rover.running
+        assert rover.stats()["in_flight"] == 0
+        assert wait_until(lambda: silent.peer_closed == 8)
+        rover.stop()  # idempotent
+        assert silent.accepted == 8
+
+
+@pytest.mark.timeout(15)
+def test_silent_server_does_not_stall_the_others(
+    recorder: Recorder, make_server: Any, make_rover: Any
+) -> None:
+    good = make_server()
+    with ScriptServer(send_segments([])) as silent:
+        rover = make_rover(
+            recorder, {"silent": silent.address, "good": address_of(good)}, slot_timeout=30.0
+        )
+        with rover:
+            assert wait_until(lambda: recorder.slot_count == recorder.max_slots)
+        assert not rover.running
+
+
+@pytest.mark.timeout(10)
+def test_dropped_server_keeps_pooled_connections(recorder: Recorder, make_server: Any) -> None:
+    a, b = make_server(), make_server()
+    rover = Rover(recorder, {"a": address_of(a)})
+    rover.rove()
+    rover.add_server("b", address_of(b))
+    rover.drop_server("a")
+    for _ in range(5):
+        rover.rove()
+    assert (a.active, b.active) == (1, 5)
+    assert rover.stats()["servers"] == 1
+
+
+@pytest.mark.timeout(10)
+def test_host_name_counts_one_server_per_address(recorder: Recorder, make_server: Any) -> None:
+    server = make_server()
+    port = address_of(server)[1]
+    infos = socket.getaddrinfo("localhost", port, 0, stdsocket.SOCK_STREAM)
+    if ("127.0.0.1", port) not in [info[4][:2] for info in infos]:
+        pytest.skip("localhost does not resolve to 127.0.0.1 here")
+    rover = Rover(recorder, {"name": f"localhost:{port}"}, backoff_base=30.0, backoff_max=30.0)
+    # Addresses the server does not listen on (::1) fail once and back off.
+    slots = [rover.rove() for _ in range(len(infos) + 2)]
+    assert rover.stats()["endpoints"] == len({info[4] for info in infos})
+    assert [s for s in slots if s is not None][:2] == [0, 1]
+
+
+@pytest.mark.timeout(10)
+def test_ipv6_literal(recorder: Recorder, make_server: Any) -> None:
+    try:
+        server = make_server(address=("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    rover = Rover(recorder, {"v6": f"[::1]:{address_of(server)[1]}"})
+    assert rover.rove() == 0
+
+
+# -- TLS -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_server(ca: trustme.CA, make_server: Any) -> Any:
+    context = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("127.0.0.1", "slots.example").configure_cert(context)
+    return make_server(handle=echo, ssl_context=context)
+
+
+@pytest.mark.timeout(10)
+def test_tls_connection_is_handed_over_and_works(
+    ca: trustme.CA, tls_server: Any, recorder: Recorder
+) -> None:
+    context = ssl.create_default_context()  # a plain stdlib context is fine
+    ca.configure_trust(context)
+    rover = Rover(recorder, {"tls": address_of(tls_server)}, ssl_context=context)
+    assert rover.rove() == 0
+    sock = recorder.kept[0][1]
+    sock.sendall(b"ping")
+    assert sock.recv(4) == b"ping"
+    rover = Rover(
+        recorder,
+        {"tls": address_of(tls_server)},
+        ssl_context=context,
+        server_hostname="slots.example",
+    )
+    assert rover.rove() == 1
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("mistake", ["wrong-ca", "wrong-host", "plain-server"])
+def test_tls_failures_are_connect_errors(
+    ca: trustme.CA, tls_server: Any, make_server: Any, recorder: Recorder, mistake: str
+) -> None:
+    context = ssl.create_default_context()
+    (trustme.CA() if mistake == "wrong-ca" else ca).configure_trust(context)
+    server = make_server() if mistake == "plain-server" else tls_server
+    hostname = "other.example" if mistake == "wrong-host" else None
+    rover = Rover(
+        recorder,
+        {"tls": address_of(server)},
+        ssl_context=context,
+        server_hostname=hostname,
+        connect_timeout=2.0,
+    )
+    assert rover.rove() is None
+    stats = rover.stats()
+    assert stats["connect_errors"] + stats["protocol_errors"] == 1
+    if mistake != "plain-server":
+        assert stats["connect_errors"] == 1
+    assert recorder.offers == []
+    assert wait_until(lambda: server.active == 0)
