@@ -299,7 +299,8 @@ class Rover:
 
     def _run(self) -> None:
         next_rove = time.monotonic()
-        while not self._client_closed:
+        # A closed CallosumClient turns everything down; roving on would only churn servers.
+        while not (self._client_closed or getattr(self._client, "closed", False) is True):
             self._wakeup.clear()
             now = time.monotonic()
             missing = self._missing()

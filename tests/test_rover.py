@@ -17,7 +17,7 @@ import trustme
 from _lineservers import ScriptServer, reset, send_segments, wait_until
 from gevent import socket
 
-from callosum_gevent import CallosumServer, PoolClosed, Rover
+from callosum_gevent import CallosumClient, CallosumServer, PoolClosed, Rover
 from callosum_gevent._rover import parse_address
 
 
@@ -436,17 +436,19 @@ def test_stop_ends_greenlets_and_closes_connections_in_setup(
 
 
 @pytest.mark.timeout(15)
-def test_silent_server_does_not_stall_the_others(
-    recorder: Recorder, make_server: Any, make_rover: Any
-) -> None:
+def test_silent_server_does_not_stall_the_others(make_server: Any, make_rover: Any) -> None:
+    # Random picking alone would soon have every attempt stuck on the silent
+    # server; least-busy-first leaves it one attempt more than the good one.
+    recorder = Recorder(max_slots=50)
     good = make_server()
     with ScriptServer(send_segments([])) as silent:
-        rover = make_rover(
-            recorder, {"silent": silent.address, "good": address_of(good)}, slot_timeout=30.0
-        )
+        servers = {"silent": silent.address, "good": address_of(good)}
+        rover = make_rover(recorder, servers, slot_timeout=30.0, fill_concurrency=4)
         with rover:
             assert wait_until(lambda: recorder.slot_count == recorder.max_slots)
+            assert silent.accepted <= 3
         assert not rover.running
+        recorder.lose(50)
 
 
 @pytest.mark.timeout(10)
@@ -544,3 +546,62 @@ def test_tls_failures_are_connect_errors(
         assert stats["connect_errors"] == 1
     assert recorder.offers == []
     assert wait_until(lambda: server.active == 0)
+
+
+# -- with the real client ------------------------------------------------------
+
+
+@pytest.fixture
+def client() -> Iterator[CallosumClient]:
+    with CallosumClient(max_slots=10) as pool:
+        yield pool
+
+
+@pytest.mark.timeout(30)
+def test_client_fills_fast_from_three_servers(make_server: Any, make_rover: Any) -> None:
+    servers = [make_server() for _ in range(3)]
+    with CallosumClient(max_slots=100) as pool:
+        rover = make_rover(pool, {i: address_of(s) for i, s in enumerate(servers)})
+        started = time.perf_counter()
+        rover.start()
+        assert wait_until(lambda: pool.slot_count == 100)
+        elapsed = time.perf_counter() - started
+        print(f"CallosumClient filled 100 slots from 3 servers in {elapsed:.3f} s")
+        assert elapsed < 5.0
+        # Least-busy-first picking spreads the fill over every server.
+        assert min(s.active for s in servers) >= 10
+        rover.stop()
+
+
+@pytest.mark.timeout(40)
+def test_client_survives_a_server_dying_and_uses_it_again_when_back(
+    client: CallosumClient, make_server: Any, make_rover: Any
+) -> None:
+    servers = [make_server() for _ in range(3)]
+    addresses = {i: address_of(s) for i, s in enumerate(servers)}
+    rover = make_rover(client, addresses, interval=0.05, backoff_base=0.05, backoff_max=0.5)
+    rover.start()
+    assert wait_until(lambda: client.slot_count == 10)
+
+    servers[0].stop(timeout=0.1)  # closes its connections: the client evicts them
+    survivors = servers[1:]
+    assert wait_until(lambda: client.slot_count == 10 and sum(s.active for s in survivors) == 10)
+    with client.connection(timeout=5) as sock:
+        assert sock.getpeername()[:2] in (addresses[1], addresses[2])
+    assert rover.stats()["failures"].get(0, 0) >= 1
+
+    revived = make_server(address=addresses[0])
+    # It offers low slots again, so the client trades its highest ones for them.
+    assert wait_until(lambda: revived.active >= 2)
+    assert wait_until(lambda: client.slot_count == 10)
+    assert rover.running
+
+
+@pytest.mark.timeout(20)
+def test_closing_the_client_ends_roving(client: CallosumClient, make_server: Any) -> None:
+    server = make_server()
+    with Rover(client, {"a": address_of(server)}, interval=0.05) as rover:
+        assert wait_until(lambda: client.slot_count == 10)
+        client.close()
+        assert wait_until(lambda: not rover.running)
+        assert wait_until(lambda: server.active == 0)
