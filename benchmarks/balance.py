@@ -48,7 +48,8 @@ SAMPLE_EVERY = 0.05
 KILLED, TWIN, JOINER = 0, 1, len(FACTORS)  # kill a fast server, add a fast one
 SHARE = 0.75  # the joiner "carries its share" at this fraction of its twin's rate
 TARGET_LOAD = 0.7
-BALANCERS = ("callosum", "callosum-weighted", *POLICIES)
+CALLOSUMS = ("callosum", "callosum-weighted")
+BALANCERS = (*CALLOSUMS, *POLICIES)
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -57,6 +58,7 @@ class Mode:
     loads: tuple[float, ...]
     balancers: tuple[str, ...]
     repeats: int  # runs at TARGET_LOAD of the TARGET_BALANCERS
+    sweep: tuple[int, ...]  # other max_slots to try Callosum with at TARGET_LOAD, twice each
     warm: float  # seconds of load before measuring
     measure: float  # seconds of steady measurement
     pre: float  # churn: seconds before the kill
@@ -64,12 +66,14 @@ class Mode:
     after: float  # churn: seconds after the add
 
 
-FULL = Mode((0.5, 0.7, 0.9), BALANCERS, 3, warm=1.0, measure=4.0, pre=0.5, gap=1.0, after=2.5)
-TARGET_BALANCERS = ("callosum", "callosum-weighted", "least-conn", "p2c", "oracle-jsq")
+FULL = Mode(
+    (0.5, 0.7, 0.9), BALANCERS, 3, (4, 16), warm=1.0, measure=4.0, pre=0.5, gap=1.0, after=2.5
+)
+TARGET_BALANCERS = (*CALLOSUMS, "least-conn", "p2c", "oracle-jsq")
 # The smoke run leaves out random and round-robin: they cannot keep up above
 # about 36% load, and their timed-out requests would double its length.
 QUICK = Mode(
-    (TARGET_LOAD,), TARGET_BALANCERS, 1, warm=0.4, measure=0.9, pre=0.2, gap=0.3, after=0.5
+    (TARGET_LOAD,), TARGET_BALANCERS, 1, (), warm=0.4, measure=0.9, pre=0.2, gap=0.3, after=0.5
 )
 
 
@@ -121,9 +125,11 @@ class Fleet:
 Balancer = CallosumBalancer | PickingClient
 
 
-def make_balancers(name: str, fleet: Fleet, servers: dict[int, Address]) -> list[Balancer]:
+def make_balancers(
+    name: str, fleet: Fleet, servers: dict[int, Address], max_slots: int
+) -> list[Balancer]:
     if name.startswith("callosum"):
-        return [CallosumBalancer(servers, MAX_SLOTS, ROVE_INTERVAL) for _ in range(N_CLIENTS)]
+        return [CallosumBalancer(servers, max_slots, ROVE_INTERVAL) for _ in range(N_CLIENTS)]
 
     def queue_len(sid: int) -> int:
         return fleet.stats.get(sid, IN_SYSTEM)
@@ -136,7 +142,9 @@ def wait_filled(balancers: Sequence[Balancer], timeout: float = 10.0) -> None:
     deadline = time.perf_counter() + timeout
     while time.perf_counter() < deadline:
         if all(
-            b.client.slot_count >= MAX_SLOTS for b in balancers if isinstance(b, CallosumBalancer)
+            b.client.slot_count >= b.client.max_slots
+            for b in balancers
+            if isinstance(b, CallosumBalancer)
         ):
             return
         gevent.sleep(0.02)
@@ -189,7 +197,9 @@ class RunData:
     cpu: float  # this process's CPU seconds per wall second
 
 
-def run_one(name: str, load: float, mode: Mode, churn: bool) -> RunData:
+def run_one(
+    name: str, load: float, mode: Mode, churn: bool = False, max_slots: int = MAX_SLOTS
+) -> RunData:
     fleet = Fleet(weighted=name == "callosum-weighted")
     balancers: list[Balancer] = []
     try:
@@ -199,7 +209,7 @@ def run_one(name: str, load: float, mode: Mode, churn: bool) -> RunData:
             fleet.spawn(JOINER, FACTORS[KILLED])
         servers = {i: fleet.address(i) for i in range(len(FACTORS))}
         spare = fleet.address(JOINER) if churn else None
-        balancers = make_balancers(name, fleet, servers)
+        balancers = make_balancers(name, fleet, servers, max_slots)
         wait_filled(balancers)
         records: list[Record] = []
         samples: list[tuple[float, list[list[int]]]] = []
@@ -365,9 +375,21 @@ def print_steady(load: float, rows: dict[str, dict[str, Any]]) -> None:
     )
 
 
-def print_repeats(load: float, p99s: dict[str, list[float]]) -> None:
+def sweep(load: float, mode: Mode, p99s: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Callosum's p99 at other ``max_slots``: the pool size is its one free parameter."""
+    runs = {f"{name} max_slots={MAX_SLOTS}": p99s[name] for name in CALLOSUMS}
+    for slots in mode.sweep:
+        for name in CALLOSUMS:
+            runs[f"{name} max_slots={slots}"] = [
+                steady(run_one(name, load, mode, max_slots=slots))["p99_ms"] for _ in range(2)
+            ]
+    print_repeats(f"Callosum's p99 ms at {load:.0%} by max_slots", runs)
+    return runs
+
+
+def print_repeats(title: str, p99s: dict[str, list[float]]) -> None:
     print_table(
-        f"p99 ms at {load:.0%} over repeated runs (fresh servers and clients each)",
+        title,
         ["balancer", "median", "runs"],
         [
             [name, fmt(statistics.median(v)), " ".join(fmt(x) for x in v)]
@@ -425,7 +447,7 @@ def evaluate(p99: dict[str, float], churns: dict[str, dict[str, Any]]) -> list[A
                 f"{fmt(p99['callosum-weighted'])} ms vs {fmt(p99['oracle-jsq'])} ms",
             )
         )
-    for name in ("callosum", "callosum-weighted"):
+    for name in CALLOSUMS:
         if name not in churns:
             continue
         c = churns[name]
@@ -485,11 +507,13 @@ def run(quick: bool) -> dict[str, Any]:
         print_steady(load, rows)
         results["steady"][f"{load:.2f}"] = rows
         if at_target:
-            print_repeats(load, p99s)
+            print_repeats(f"p99 ms at {load:.0%} over repeated runs (fresh servers, clients)", p99s)
             results["p99_repeats"] = p99s
             print_churn(load, churns)
             results["churn"] = churns
             targets = evaluate({name: statistics.median(v) for name, v in p99s.items()}, churns)
+            if mode.sweep:
+                results["max_slots_sweep"] = sweep(load, mode, p99s)
     results["targets"] = targets
     if quick:  # matplotlib's import and drawing alone take ~3 s
         print("charts: not drawn in a quick run")
