@@ -37,6 +37,7 @@ _COUNTERS = (
     "turned_down",
     "connect_errors",
     "protocol_errors",
+    "resolves",
     "resolve_errors",
     "client_errors",
 )
@@ -326,9 +327,9 @@ class Rover:
     def _due_in(self, now: float) -> float | None:
         """Return seconds until some server may be tried (0.0: now), or None if none exist."""
         servers = list(self._servers.values())
-        if any(s.resolve_due <= now and not s.resolving for s in servers):
-            return 0.0
-        dues = [ep.due for s in servers for ep in s.endpoints]
+        # A name due to be looked up counts as due: the attempt resolves it.
+        dues = [s.resolve_due for s in servers if not s.resolving]
+        dues += [ep.due for s in servers for ep in s.endpoints]
         return max(0.0, min(dues) - now) if dues else None
 
     def _background_attempt(self) -> None:
@@ -361,10 +362,12 @@ class Rover:
         server.resolving = True
         try:
             infos = gsocket.getaddrinfo(server.host, server.port, 0, socket.SOCK_STREAM)
+            self._counts["resolves"] += 1
         except OSError as exc:
             server.resolve_failures += 1
             server.resolve_due = time.monotonic() + self._backoff(server.resolve_failures)
-            self._failed(server.id, (server.host, server.port), "resolve_errors", exc)
+            warn = server.resolve_failures == 1
+            self._failed(server.id, (server.host, server.port), "resolve_errors", exc, warn)
             return
         finally:
             server.resolving = False

@@ -605,3 +605,43 @@ def test_closing_the_client_ends_roving(client: CallosumClient, make_server: Any
         client.close()
         assert wait_until(lambda: not rover.running)
         assert wait_until(lambda: server.active == 0)
+
+
+@pytest.mark.timeout(20)
+def test_unresolvable_name_is_reported_retried_and_does_not_stall(
+    make_server: Any, make_rover: Any
+) -> None:
+    reports: list[Any] = []
+    good = make_server()
+    recorder = Recorder(max_slots=5)
+    servers = {"nx": "no-such-host.invalid:4040"}
+    rover = make_rover(
+        recorder,
+        servers,
+        backoff_base=0.05,
+        backoff_max=0.1,
+        on_unreachable=lambda *r: reports.append(r),
+    )
+    rover.start()
+    # Backoff capped at 0.1 s: the name is looked up again and again, not given up.
+    assert wait_until(lambda: rover.stats()["resolve_errors"] >= 3)
+    rover.add_server("good", address_of(good))
+    assert wait_until(lambda: recorder.slot_count == 5)
+    assert ("nx", ("no-such-host.invalid", 4040)) in reports
+    assert rover.stats()["servers"] == 2
+    recorder.lose(5)
+
+
+@pytest.mark.timeout(10)
+def test_names_are_looked_up_again_after_resolve_interval(
+    recorder: Recorder, make_server: Any
+) -> None:
+    server = make_server()
+    port = address_of(server)[1]
+    rover = Rover(recorder, {"name": ("127.0.0.1", port)}, resolve_interval=0.05)
+    assert rover.rove() == 0
+    assert rover.rove() == 1
+    assert rover.stats()["resolves"] == 1
+    gevent.sleep(0.1)
+    assert rover.rove() == 2
+    assert rover.stats()["resolves"] == 2
