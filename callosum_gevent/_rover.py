@@ -149,6 +149,9 @@ class Rover:
     :param max_slot: a slot above this is a protocol error.
     :param ssl_context: speak TLS to the servers; the host name checked is
         ``server_hostname`` or else the host of each server's address.
+
+    The options are kept as attributes of the same names; ``interval`` may be
+    changed while running and takes effect from the next tick.
     """
 
     def __init__(
@@ -173,20 +176,30 @@ class Rover:
         if servers is None:
             servers = {}
         if not isinstance(servers, Mapping):
-            raise TypeError(f"servers must be a mapping of id to address, got {type(servers)}")
+            raise TypeError(
+                f"servers must be a mapping of id to address, got {type(servers).__name__}"
+            )
         parsed = {id_: parse_address(a, f"servers[{id_!r}]") for id_, a in servers.items()}
-        for name in ("interval", "connect_timeout", "slot_timeout", "resolve_interval"):
-            _check_number(name, locals()[name])
-        for name in ("backoff_base", "backoff_max"):
-            _check_number(name, locals()[name])
+        seconds = {
+            "interval": interval,
+            "connect_timeout": connect_timeout,
+            "slot_timeout": slot_timeout,
+            "resolve_interval": resolve_interval,
+            "backoff_base": backoff_base,
+            "backoff_max": backoff_max,
+        }
+        for name, value in seconds.items():
+            _check_number(name, value)
         if backoff_max < backoff_base:
             raise ValueError(f"backoff_max {backoff_max} must be >= backoff_base {backoff_base}")
         _check_number("fill_concurrency", fill_concurrency, integer=True, minimum=1)
         _check_number("max_slot", max_slot, integer=True)
         if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
-            raise TypeError(f"ssl_context must be an ssl.SSLContext, got {type(ssl_context)}")
+            raise TypeError(
+                f"ssl_context must be an ssl.SSLContext, got {type(ssl_context).__name__}"
+            )
         if server_hostname is not None and not isinstance(server_hostname, str):
-            raise TypeError(f"server_hostname must be a str, got {type(server_hostname)}")
+            raise TypeError(f"server_hostname must be a str, got {type(server_hostname).__name__}")
         if on_unreachable is not None and not callable(on_unreachable):
             raise TypeError("on_unreachable must be callable")
 
@@ -258,12 +271,13 @@ class Rover:
 
     @property
     def running(self) -> bool:
+        """Return whether the background loop is running."""
         return self._loop is not None and not self._loop.dead
 
     def stats(self) -> dict[str, Any]:
         """Return counters, per-server failures and the current shape of the server list."""
         now = time.monotonic()
-        endpoints = [ep for server in self._servers.values() for ep in server.endpoints]
+        endpoints = self._endpoints()
         return {
             **self._counts,
             "failures": dict(self._failures),
@@ -289,6 +303,9 @@ class Rover:
         )
 
     # -- the loop -----------------------------------------------------------
+
+    def _endpoints(self) -> list[_Endpoint]:
+        return [ep for server in self._servers.values() for ep in server.endpoints]
 
     def _missing(self) -> int:
         """Return how many connections the client lacks (0 if it cannot say)."""
@@ -326,10 +343,9 @@ class Rover:
 
     def _due_in(self, now: float) -> float | None:
         """Return seconds until some server may be tried (0.0: now), or None if none exist."""
-        servers = list(self._servers.values())
         # A name due to be looked up counts as due: the attempt resolves it.
-        dues = [s.resolve_due for s in servers if not s.resolving]
-        dues += [ep.due for s in servers for ep in s.endpoints]
+        dues = [s.resolve_due for s in self._servers.values() if not s.resolving]
+        dues += [ep.due for ep in self._endpoints()]
         return max(0.0, min(dues) - now) if dues else None
 
     def _background_attempt(self) -> None:
@@ -347,7 +363,7 @@ class Rover:
             if server.resolve_due <= time.monotonic() and not server.resolving:
                 self._resolve(server)
         now = time.monotonic()
-        endpoints = [ep for server in self._servers.values() for ep in server.endpoints]
+        endpoints = self._endpoints()
         ready = [ep for ep in endpoints if ep.due <= now]
         if ready:
             # Least busy first, so a server that stalls attempts holds at most
