@@ -257,6 +257,7 @@ def test_bad_server_is_counted_reported_and_closed(
             recorder,
             {"bad": bad.address},
             slot_timeout=0.3,
+            backoff_base=30.0,  # so the last rove() cannot pick it again
             on_unreachable=lambda *report: reports.append(report),
         )
         assert rover.rove() is None
