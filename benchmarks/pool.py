@@ -95,7 +95,7 @@ def faster_than(samples: Samples, peers: Sequence[str], what: str) -> dict[str, 
 
 
 def run(quick: bool) -> dict[str, Any]:
-    n, repeats = (2_000, 3) if quick else (20_000, 15)
+    n, repeats = (2_000, 3) if quick else (10_000, 31)
     clients, servers = loopback_pairs(N_CONNECTIONS)
     try:
         samples = interleave(variants(clients, n), repeats)
