@@ -71,7 +71,7 @@ def measure(address: Address, requests: int, repeats: int) -> dict[str, list[flo
 
 
 def run(quick: bool) -> dict[str, Any]:
-    requests, repeats = (5, 2) if quick else (100, 7)
+    requests, repeats = (5, 2) if quick else (50, 13)
     results: dict[str, dict[str, list[float]]] = {}
     server = EchoServer()
     try:
