@@ -16,6 +16,8 @@ import pytest
 import trustme
 from _lineservers import ScriptServer, reset, send_segments, wait_until
 from gevent import socket
+from hypothesis import given
+from hypothesis import strategies as st
 
 from callosum_gevent import CallosumClient, CallosumServer, PoolClosed, Rover
 from callosum_gevent._rover import parse_address
@@ -152,6 +154,19 @@ def test_bad_addresses_are_rejected(address: Any, error: type[Exception]) -> Non
     with pytest.raises(error, match="address"):
         rover.add_server("s", address)
     assert rover.stats()["servers"] == 0
+
+
+@given(st.one_of(st.text(max_size=30), st.tuples(st.text(max_size=10), st.integers())))
+def test_parse_address_returns_a_valid_pair_or_raises_cleanly(address: Any) -> None:
+    try:
+        host, port = parse_address(address)
+    except (TypeError, ValueError) as exc:
+        assert "address" in str(exc)
+        return
+    assert host and isinstance(port, int) and 0 < port < 65536
+    if isinstance(address, str):
+        assert int(address.rpartition(":")[2]) == port
+        assert host in address
 
 
 @pytest.mark.parametrize(
@@ -638,3 +653,40 @@ def test_names_are_looked_up_again_after_resolve_interval(
     gevent.sleep(0.1)
     assert rover.rove() == 2
     assert rover.stats()["resolves"] == 2
+
+
+@pytest.mark.timeout(15)
+def test_name_with_several_addresses_spreads_and_follows_changes(
+    monkeypatch: pytest.MonkeyPatch, make_server: Any
+) -> None:
+    # Real servers on three loopback addresses; only the DNS answer is staged,
+    # as a headless Service would give it.
+    first = make_server(address=("127.0.0.1", 0))
+    port = address_of(first)[1]
+    pods = [first] + [make_server(address=(f"127.0.0.{i}", port)) for i in (2, 3)]
+    answer = ["127.0.0.1", "127.0.0.2"]
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host != "pods.test":
+            return real_getaddrinfo(host, *args, **kwargs)
+        return [(stdsocket.AF_INET, stdsocket.SOCK_STREAM, 6, "", (ip, port)) for ip in answer]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    recorder = Recorder(max_slots=100)
+    rover = Rover(recorder, {"pods": f"pods.test:{port}"}, resolve_interval=0.05)
+    for _ in range(30):
+        rover.rove()
+    assert rover.stats()["endpoints"] == 2
+    assert pods[0].active > 0 and pods[1].active > 0 and pods[2].active == 0
+    assert pods[0].active + pods[1].active == 30
+
+    answer[:] = ["127.0.0.2", "127.0.0.3"]  # a pod moved
+    gevent.sleep(0.1)
+    before = pods[0].active
+    for _ in range(30):
+        rover.rove()
+    assert pods[0].active == before
+    assert pods[2].active > 0
+    assert rover.stats()["resolves"] >= 2
+    recorder.close()
