@@ -14,6 +14,7 @@ import gevent
 import gevent.ssl
 import pytest
 import trustme
+from _leaks import HubErrors, live_greenlets, open_fds, warm_up
 from _lineservers import ScriptServer, reset, send_segments, wait_until
 from gevent import socket
 from hypothesis import given
@@ -690,3 +691,29 @@ def test_name_with_several_addresses_spreads_and_follows_changes(
     assert pods[2].active > 0
     assert rover.stats()["resolves"] >= 2
     recorder.close()
+
+
+@pytest.mark.timeout(30)
+def test_start_stop_cycles_leak_no_fds_greenlets_or_errors(make_server: Any) -> None:
+    warm_up()
+    good = make_server()
+    with (
+        ScriptServer(send_segments([])) as silent,
+        ScriptServer(send_segments([b"x"])) as garbage,
+    ):
+        servers = {
+            "good": address_of(good),
+            "silent": silent.address,
+            "garbage": garbage.address,
+            "gone": ("127.0.0.1", free_port()),
+        }
+        fds, greenlets = open_fds(), live_greenlets()
+        with HubErrors().recording() as hub:
+            for _ in range(3):
+                recorder = Recorder(max_slots=20)
+                with Rover(recorder, servers, interval=0.01, slot_timeout=30.0) as rover:
+                    assert wait_until(lambda: recorder.slot_count == 20)  # noqa: B023
+                    assert wait_until(lambda: rover.stats()["in_flight"] > 0)
+                recorder.close()
+            assert wait_until(lambda: open_fds() == fds and live_greenlets() == greenlets)
+        assert hub.errors == []
