@@ -130,14 +130,19 @@ def _check_timeout(timeout: object) -> float | None:
         raise TypeError(f"timeout must be a number or None, not {type(timeout).__name__}")
     if not timeout >= 0:
         raise ValueError(f"timeout must be >= 0, not {timeout!r}")
-    return None if timeout == float("inf") else float(timeout)
+    try:
+        seconds = float(timeout)
+    except OverflowError:
+        raise ValueError("timeout is too large; use None to wait without limit") from None
+    return None if seconds == float("inf") else seconds
 
 
-def _check_positive_int(name: str, value: object) -> int:
+def _check_positive_int(name: str, value: object, most: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, not {value!r}")
+    if value < 1 or (most is not None and value > most):
+        bounds = f"between 1 and {most}" if most is not None else ">= 1"
+        raise ValueError(f"{name} must be {bounds}, not {value!r}")
     return value
 
 
@@ -176,9 +181,10 @@ class CallosumClient:
         max_slot_number: int = _MAX_SLOT_NUMBER,
     ) -> None:
         _check_positive_int("max_slots", max_slots)
-        _check_positive_int("keepalive_idle", keepalive_idle)
-        _check_positive_int("keepalive_interval", keepalive_interval)
-        _check_positive_int("keepalive_count", keepalive_count)
+        # The kernel's own limits (include/net/tcp.h: MAX_TCP_KEEPIDLE and co.).
+        _check_positive_int("keepalive_idle", keepalive_idle, 32767)
+        _check_positive_int("keepalive_interval", keepalive_interval, 32767)
+        _check_positive_int("keepalive_count", keepalive_count, 127)
         _check_positive_int("max_slot_number", max_slot_number)
         if not isinstance(keepalive, bool):
             raise TypeError(f"keepalive must be a bool, not {type(keepalive).__name__}")
@@ -332,7 +338,7 @@ class CallosumClient:
         A socket not lent from this client (foreign, or returned twice) raises
         :class:`ValueError` and changes nothing.
         """
-        conn = self._conns.get(sock)
+        conn = self._lent(sock)
         if conn is None or conn.state != LEASED:
             if conn is not None and conn.state == RETIRED:
                 self._drop(conn, "retired")
@@ -361,8 +367,14 @@ class CallosumClient:
         """
         self._discard(sock, quiet=False)
 
+    def _lent(self, sock: Any) -> _Conn | None:
+        try:
+            return self._conns.get(sock)
+        except TypeError:  # unhashable: certainly not one of ours
+            raise TypeError(f"sock must be a socket, not {type(sock).__name__}") from None
+
     def _discard(self, sock: Any, *, quiet: bool) -> None:
-        conn = self._conns.get(sock)
+        conn = self._lent(sock)
         if conn is None or conn.state == IDLE:
             if quiet:
                 return
