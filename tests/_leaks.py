@@ -9,15 +9,21 @@ from contextlib import contextmanager
 from typing import Any
 
 import gevent
+import gevent.socket
 from gevent.threadpool import _WorkerGreenlet
 from greenlet import greenlet
 
-__all__ = ["HubErrors", "live_greenlets", "open_fds"]
+__all__ = ["HubErrors", "live_greenlets", "open_fds", "warm_up"]
 
 
 def open_fds() -> int:
     """Return how many file descriptors this process has open."""
     return len(os.listdir("/proc/self/fd"))
+
+
+def warm_up() -> None:
+    """Start what gevent starts once and keeps: the resolver's thread pool and its wakeup fd."""
+    gevent.socket.getaddrinfo("127.0.0.1", 1)
 
 
 def live_greenlets() -> int:

@@ -8,7 +8,7 @@ from typing import Any
 
 import gevent
 import pytest
-from _leaks import live_greenlets, open_fds
+from _leaks import live_greenlets, open_fds, warm_up
 from _lineservers import make_listener, reset
 from _peers import is_closed
 from gevent import socket
@@ -23,9 +23,7 @@ MAX_SLOTS = 16
 def test_ten_thousand_random_cycles_leave_no_fd_or_greenlet_behind() -> None:
     rng = random.Random(20261125)
     listener = make_listener()
-    # Warm up: the first create_connection starts gevent's resolver thread, for good.
-    socket.create_connection(listener.getsockname()).close()
-    listener.accept()[0].close()
+    warm_up()
     fds, greenlets = open_fds(), live_greenlets()
 
     client = CallosumClient(max_slots=MAX_SLOTS)

@@ -15,9 +15,8 @@ import gevent
 import pytest
 from _farm import Farm
 from _farm import request as echo_request
-from _leaks import HubErrors, live_greenlets, open_fds
-from _lineservers import make_listener, wait_until
-from gevent import socket
+from _leaks import HubErrors, live_greenlets, open_fds, warm_up
+from _lineservers import wait_until
 
 from callosum_gevent import CallosumClient, PoolTimeout, Rover
 
@@ -47,9 +46,7 @@ def test_servers_restarting_on_the_same_ports(
     if seconds > 10 and not long_soak_selected(request.config):
         pytest.skip("the long soak runs with -m soak or CALLOSUM_SOAK=1")
     rng = random.Random(31)
-    listener = make_listener()  # warm up gevent's resolver thread, which stays
-    socket.create_connection(listener.getsockname()).close()
-    listener.close()
+    warm_up()
     fds, greenlets = open_fds(), live_greenlets()
 
     outcomes: Counter[str] = Counter()
