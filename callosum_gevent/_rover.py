@@ -430,8 +430,12 @@ class Rover:
             # Still set only if the attempt failed or was killed (stop()).
             if sock is not None:
                 sock.close()
-        endpoint.failures, endpoint.due = 0, 0.0
-        self._offer(slot, offered)
+        if self._offer(slot, offered):
+            endpoint.failures, endpoint.due = 0, 0.0
+        else:
+            # The client rejected it outright (a slot above its ceiling, say):
+            # back off rather than refill from this server at full speed.
+            self._back_off(endpoint)
         return slot
 
     def _wrap(self, sock: Any, endpoint: _Endpoint) -> Any:
@@ -448,7 +452,8 @@ class Rover:
             _context=self.ssl_context,
         )
 
-    def _offer(self, slot: int, sock: Any) -> None:
+    def _offer(self, slot: int, sock: Any) -> bool:
+        """Hand *sock* to the client; return False if it raised instead of answering."""
         try:
             kept = self._client.new_connection(slot, sock)
         except PoolClosed:
@@ -456,23 +461,29 @@ class Rover:
             _log.info("rover: client closed, roving ends")
             self._client_closed = True
             self._wakeup.set()
-            return
+            return True
         except Exception:
             # A faulty client must not end the rover; the socket is ours again.
             sock.close()
             self._counts["client_errors"] += 1
             _log.exception("rover: client.new_connection(%d, ...) raised", slot)
-            return
+            return False
         self._counts["kept" if kept else "turned_down"] += 1
+        return True
 
-    def _endpoint_failed(self, endpoint: _Endpoint, kind: str, exc: Exception) -> None:
+    def _back_off(self, endpoint: _Endpoint) -> bool:
+        """Push *endpoint*'s next try back one step; return False if it already was."""
         now = time.monotonic()
         # Attempts that were in flight together fail together: back off one
         # step for all of them, not one step each.
-        first = endpoint.due <= now
-        if first:
-            endpoint.failures += 1
-            endpoint.due = now + self._backoff(endpoint.failures)
+        if endpoint.due > now:
+            return False
+        endpoint.failures += 1
+        endpoint.due = now + self._backoff(endpoint.failures)
+        return True
+
+    def _endpoint_failed(self, endpoint: _Endpoint, kind: str, exc: Exception) -> None:
+        first = self._back_off(endpoint)
         server = self._servers.get(endpoint.server_id)
         if server is not None and kind == "connect_errors":
             server.resolve_due = 0.0  # the name may point elsewhere now

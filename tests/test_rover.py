@@ -342,17 +342,27 @@ def test_backed_off_server_is_avoided_and_success_resets_it(make_server: Any) ->
 
 
 @pytest.mark.timeout(10)
-def test_client_errors_close_the_socket(make_server: Any) -> None:
+def test_client_errors_close_the_socket_and_back_off(
+    make_server: Any, make_rover: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     server = make_server()
 
-    class Broken:
+    class Broken(Recorder):
         def new_connection(self, slot: int, sock: Any) -> bool:
-            raise RuntimeError("client bug")
+            raise ValueError("slot above my ceiling")
 
-    rover = Rover(Broken(), {"a": address_of(server)})
+    rover = make_rover(Broken(), {"a": address_of(server)}, backoff_base=5.0)
     assert rover.rove() == 0
     assert rover.stats()["client_errors"] == 1
     assert wait_until(lambda: server.active == 0)
+    assert "new_connection(0, ...) raised" in caplog.text
+    # Filling a client that keeps raising must not hammer the server.
+    rover.start()
+    assert wait_until(lambda: rover.stats()["in_flight"] == 0)
+    errors = rover.stats()["client_errors"]
+    gevent.sleep(0.3)
+    assert rover.stats()["client_errors"] == errors <= 1 + rover.fill_concurrency
+    assert rover.running
 
 
 @pytest.mark.timeout(10)
