@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import closing
 from typing import Any, Callable
 
 from gevent.pool import Pool
@@ -142,7 +143,26 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
         """Replace the handler that new connections are given to."""
         _check_handle(handle)
         self._user_handle = handle
-        self._handle = self.handle
+        # gevent's own set_handle would drop the TLS wrapping here.
+        tls = getattr(self, "ssl_args", None) is not None  # unset while __init__ runs
+        self._handle = self.wrap_socket_and_handle if tls else self.handle
+
+    def wrap_socket_and_handle(self, client_socket: Any, address: Any) -> Any:
+        """Do the TLS handshake within ``slot_line_timeout``, then :meth:`handle`.
+
+        A failed or silent handshake is counted in ``failed`` and the socket
+        closed; nothing escapes the connection's greenlet.
+        """
+        client_socket.settimeout(self._slot_line_timeout)
+        try:
+            ssl_socket = self.wrap_socket(client_socket, **self.ssl_args)
+        except OSError as exc:  # ssl.SSLError and timeouts included
+            self._failed += 1
+            _log.debug("TLS handshake with %s failed: %r", address, exc)
+            return None
+        with closing(ssl_socket):
+            ssl_socket.settimeout(None)
+            return self.handle(ssl_socket, address)
 
     def handle(self, sock: Any, address: Any) -> None:
         """Give ``sock`` a slot, send the slot line, run the user's handler."""

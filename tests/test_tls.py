@@ -165,10 +165,6 @@ def test_mutual_tls_refuses_clients_without_a_trusted_certificate(
 # -- what unauthenticated peers can do to a TLS server ---------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: CallosumServer lets TLS handshake errors escape the handler greenlet",
-)
 def test_failed_server_handshakes_are_counted_not_raised(tls_farm: Farm) -> None:
     server = tls_farm.servers[0]
     assert server is not None
@@ -182,7 +178,6 @@ def test_failed_server_handshakes_are_counted_not_raised(tls_farm: Farm) -> None
     assert server.stats()["failed"] == 3
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the server's TLS handshake has no time limit")
 def test_peer_that_never_says_hello_is_cut_off(ca: trustme.CA) -> None:
     farm = Farm(1, ssl_context=server_context(ca), slot_line_timeout=0.2)
     try:
@@ -196,7 +191,6 @@ def test_peer_that_never_says_hello_is_cut_off(ca: trustme.CA) -> None:
         farm.close()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: set_handle on a started TLS server drops TLS")
 def test_set_handle_keeps_tls(tls_farm: Farm) -> None:
     server = tls_farm.servers[0]
     assert server is not None
