@@ -35,10 +35,12 @@ def run_python(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[s
     )
 
 
-def stop(process: subprocess.Popen[str], timeout: float = 10) -> tuple[str, str]:
-    """Send SIGTERM, wait for the exit and return (stdout, stderr)."""
+def stop(
+    process: subprocess.Popen[str], signum: int = signal.SIGTERM, timeout: float = 10
+) -> tuple[str, str]:
+    """Send *signum*, wait for the exit and return (stdout, stderr)."""
     if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signum)
     try:
         return process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import signal
 import socket as stdsocket
 import time
 from collections.abc import Iterator
@@ -211,12 +212,13 @@ def test_bad_options_exit_2_with_a_usage_error(
 
 
 @pytest.mark.timeout(40)
-def test_serve_and_call_talk_to_each_other_and_serve_stops_cleanly() -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_serve_and_call_talk_to_each_other_and_serve_stops_cleanly(signum: int) -> None:
     with line_server("--id", "alpha", "--service-time", "0.01") as (server, address):
         done = run_python("-m", "callosum_gevent", "call", address, "hello there")
         assert done.returncode == 0, done.stderr
         assert done.stdout == f"hello there\n(answered by alpha on slot 0 at {address})\n"
-        out, err = stop(server)
+        out, err = stop(server, signum)
     assert server.returncode == 0, err
     assert out.endswith("stopped\n")
     assert "Traceback" not in err
@@ -237,6 +239,19 @@ def test_call_to_a_refused_port_exits_1_with_one_line() -> None:
     assert done.returncode == 1
     assert done.stdout == ""
     assert done.stderr == f"callosum-gevent call: error: could not reach 127.0.0.1:{port}\n"
+
+
+@pytest.mark.timeout(40)
+def test_serve_on_a_taken_port_exits_1_with_one_line() -> None:
+    with stdsocket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_python("-m", "callosum_gevent", "serve", "--port", str(port))
+    assert done.returncode == 1
+    assert done.stderr.startswith("callosum-gevent serve: error: ")
+    assert "in use" in done.stderr
+    assert done.stderr.count("\n") == 1
 
 
 def free_port() -> int:
