@@ -55,6 +55,8 @@ def parse_address(address: object, name: str = "address") -> tuple[str, int]:
         host, colon, port_text = address.rpartition(":")
         if not colon or not port_text.isascii() or not port_text.isdigit():
             raise ValueError(f"{name} {address!r} is not 'host:port'")
+        if len(port_text) > 5:  # also keeps int() off huge digit strings
+            raise ValueError(f"{name} {address!r} has a port outside 1-65535")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
         elif ":" in host:

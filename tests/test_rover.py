@@ -140,6 +140,7 @@ def test_parse_address(address: Any, expected: tuple[str, int]) -> None:
         ("::1:4040", ValueError),
         ("backend:0", ValueError),
         ("backend:65536", ValueError),
+        ("backend:" + "9" * 5000, ValueError),
         (("backend", "4040"), TypeError),
         (("backend", True), TypeError),
         ((b"backend", 4040), TypeError),
