@@ -336,8 +336,8 @@ class Rover:
                     # time after it ends, too late for the wakeup it sends.
                     self._in_flight += 1
                     self._pool.spawn(self._background_attempt)
-                    if missing <= 0:
-                        next_rove = now + self.interval * random.uniform(0.9, 1.1)
+                    # Jittered, so that many clients do not rove in lockstep.
+                    next_rove = now + self.interval * random.uniform(0.9, 1.1)
                     continue
                 timeout = due_in
             # Otherwise the pool is busy: the next attempt to end wakes us.
