@@ -196,7 +196,7 @@ def test_set_handle_keeps_tls(tls_farm: Farm) -> None:
     assert server is not None
     server.set_handle(lambda sock, address: sock.recv(1))
     sock = socket.create_connection(("127.0.0.1", tls_farm.ports[0]))
-    sock.sendall(b"\r\n")  # not a ClientHello: a TLS server answers with an alert or closes
+    sock.sendall(b"GET / HTTP/1.0\r\n\r\n")  # not a ClientHello: an alert, or a close
     try:
         first = sock.recv(16)
     except ConnectionResetError:
