@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import select
 import socket as stdsocket
+from collections.abc import Hashable
 from typing import Any
 
 from callosum_gevent import CallosumServer
@@ -60,7 +61,7 @@ class Farm:
         for i in range(n):
             self.start(i)
 
-    def addresses(self) -> dict[int, tuple[str, int]]:
+    def addresses(self) -> dict[Hashable, tuple[str, int]]:
         return {i: ("127.0.0.1", port) for i, port in enumerate(self.ports)}
 
     def start(self, i: int) -> CallosumServer:

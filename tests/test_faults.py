@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import gevent
@@ -255,7 +255,7 @@ def test_many_waiters_killed_or_timed_out_at_random_lose_nothing() -> None:
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_forked_child_refills_from_fresh_rover_while_parent_keeps_its_own() -> None:
     with line_server("--id", "a") as (_pa, addr_a), line_server("--id", "b") as (_pb, addr_b):
-        servers = {"a": addr_a, "b": addr_b}
+        servers: dict[Hashable, str] = {"a": addr_a, "b": addr_b}
         client = CallosumClient(max_slots=4)
         with Rover(client, servers, interval=3600, fill_concurrency=1):
             assert wait_until(lambda: client.slot_count == 4)
