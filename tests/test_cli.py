@@ -166,8 +166,7 @@ def test_demo_runs_a_small_workload_and_prints_the_table(
     assert "2x slower" in rows["s4"][0] and "killed" in rows["s1"][0]
     for pool in (1, 2):
         served = {sid: int(rows[sid][pool].split()[1]) for sid in ("s1", "s2", "s3", "s4", "s5")}
-        # The victim served until it was killed and the newcomer after it joined.
-        assert served["s1"] > 0 and served["s5"] > 0
+        assert served["s1"] > 0  # the victim served until it was killed
         assert int(rows["all"][pool].split()[1]) == sum(served.values())
     failed = [int(n) for n in re.findall(r"(\d+) failed after a retry", out)]
     assert len(failed) == 2
@@ -183,6 +182,8 @@ def test_callosum_spares_the_slow_server_and_cuts_the_tail() -> None:
     for pools in (CallosumPools, RandomPools):
         result = run_once(options, pools, Progress(io.StringIO(), "test", options.requests))
         served = {sid: len(latencies) for sid, latencies in result.latencies.items()}
+        # The rovers (and the random pool) took the newcomer up.
+        assert served.get(options.joiner_id, 0) > 0
         shares.append(served[options.slow_id] / sum(served.values()))
         tails.append(percentile([x for xs in result.latencies.values() for x in xs], 0.99))
     # Random choice sends each of 4 servers about a quarter and queues behind
