@@ -60,7 +60,7 @@ class DemoOptions:
     slowdown: float = 2.0
 
     def __post_init__(self) -> None:
-        for name in ("requests", "servers", "clients", "max_slots", "users", "capacity"):
+        for name in ("requests", "clients", "max_slots", "users", "capacity"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, not {getattr(self, name)!r}")
         for name in ("duration", "service_time"):
@@ -117,6 +117,7 @@ class Fleet:
         self._servers[server_id].stop(timeout=0)
 
     def stop(self) -> None:
+        """Stop every server of the run."""
         for server in self._servers.values():
             server.stop(timeout=0)
 
@@ -214,11 +215,16 @@ class RandomPool:
                 idle.pop().close()
 
 
+def random_per_server(options: DemoOptions) -> int:
+    """Return the random pool's connections per server: Callosum's total, spread."""
+    return max(1, round(options.max_slots / options.servers))
+
+
 class RandomPools:
-    """One ``RandomPool`` per simulated client, with as many connections as Callosum's."""
+    """One ``RandomPool`` per simulated client."""
 
     def __init__(self, options: DemoOptions, servers: dict[str, Address]) -> None:
-        per_server = max(1, options.max_slots // options.servers)
+        per_server = random_per_server(options)
         self.pools = [
             RandomPool(servers, per_server, random.Random(f"{options.seed}-pool-{i}"))
             for i in range(options.clients)
@@ -445,8 +451,9 @@ def run_demo(options: DemoOptions, out: TextIO | None = None, err: TextIO | None
     err = err or sys.stderr
     out.write(
         f"{options.servers} servers ({options.slow_id} {options.slowdown:g}x slower, "
-        f"{options.capacity} requests at once each); {options.clients} clients x "
-        f"{options.max_slots} connections in both pools;\n{options.users} users send "
+        f"{options.capacity} requests at once each); {options.clients} clients with "
+        f"{options.max_slots} connections each (random choice: {random_per_server(options)} "
+        f"per server);\n{options.users} users send "
         f"{options.requests} requests per pool in ~{options.duration:g} s; "
         f"{options.victim_id} is killed after {KILL_AT:.0%}, {options.joiner_id} joins "
         f"after {JOIN_AT:.0%}.\n"
