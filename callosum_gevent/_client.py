@@ -40,7 +40,7 @@ class _Socket(Protocol):
 class _Conn(Entry):
     """A pooled connection: the bookkeeping entry plus its I/O helpers."""
 
-    __slots__ = ("fd", "lent_at", "poll", "watcher")
+    __slots__ = ("fd", "lent_at", "poll", "raw", "watcher")
 
     item: Any
     poll: Any
@@ -50,6 +50,9 @@ class _Conn(Entry):
         super().__init__(slot, sock)
         self.fd = fd
         self.lent_at = -1
+        # A gevent socket swaps its _sock for a placeholder when closed: an
+        # identity test tells a locally closed socket far cheaper than fileno().
+        self.raw = getattr(sock, "_sock", None)
 
 
 class _Waiter:
@@ -75,9 +78,8 @@ class _Lease:
 
     __slots__ = ("_client", "_sock", "_timeout")
 
-    def __init__(self, client: CallosumClient, timeout: float | None) -> None:
-        self._client = client
-        self._timeout = timeout
+    _client: CallosumClient
+    _timeout: float | None
 
     def __enter__(self) -> Any:
         self._sock = sock = self._client.get_connection(self._timeout)
@@ -96,6 +98,8 @@ class _Lease:
             # already have handed the socket back: never mask their exception.
             self._client._discard(self._sock, quiet=True)
 
+
+_new_lease = object.__new__
 
 _clients: weakref.WeakSet[CallosumClient] = weakref.WeakSet()
 
@@ -330,7 +334,11 @@ class CallosumClient:
 
     def connection(self, timeout: float | None = None) -> _Lease:
         """Lend a connection for a ``with`` block; discard it if the block raises."""
-        return _Lease(self, timeout)
+        # object.__new__ and two stores cost half of a call to an __init__.
+        lease = _new_lease(_Lease)
+        lease._client = self
+        lease._timeout = timeout
+        return lease
 
     def return_connection(self, sock: Any) -> None:
         """Hand back a lent connection: pool it, or close it if it is unfit.
@@ -338,19 +346,24 @@ class CallosumClient:
         A socket not lent from this client (foreign, or returned twice) raises
         :class:`ValueError` and changes nothing.
         """
-        conn = self._lent(sock)
+        try:
+            conn = self._conns.get(sock)
+        except TypeError:
+            conn = self._lent(sock)  # raises, naming the argument
         if conn is None or conn.state != LEASED:
             if conn is not None and conn.state == RETIRED:
                 self._drop(conn, "retired")
                 return
             raise ValueError("sock is not lent from this client")
+        raw = conn.raw
+        lent_at = conn.lent_at
         if self._closed:
             self._drop(conn, "client closed")
-        elif sock.fileno() != conn.fd or (
+        elif (sock._sock is not raw if raw is not None else sock.fileno() != conn.fd) or (
             # Checked at hand-out in this same turn of the hub: the FIN a poll
             # could find now would also be found at the next hand-out, and the
             # watcher acts on it within a turn, so save the system call.
-            (conn.lent_at != self._loop.iteration or conn.lent_at < 0) and conn.poll(0)
+            (lent_at != self._loop.iteration or lent_at < 0) and conn.poll(0)
         ):
             self._dead_at_return += 1
             self._drop(conn, "found dead at return")
