@@ -30,19 +30,24 @@ from callosum_gevent._lineproto import MAX_LINE, LineService, read_line, request
 from callosum_gevent._slotline import read_slot_line
 
 
-@pytest.fixture
-def serve_line() -> Iterator[Any]:
-    """Yield a function that starts a CallosumServer running a LineService."""
-    servers: list[CallosumServer] = []
+class LineServers:
+    """Start CallosumServers running a LineService; stop them all at the end."""
 
-    def start(service: LineService) -> tuple[str, int]:
+    def __init__(self) -> None:
+        self.servers: list[CallosumServer] = []
+
+    def __call__(self, service: LineService) -> tuple[str, int]:
         server = CallosumServer(("127.0.0.1", 0), service)
         server.start()
-        servers.append(server)
+        self.servers.append(server)
         return ("127.0.0.1", server.server_port)
 
-    yield start
-    for server in servers:
+
+@pytest.fixture
+def serve_line() -> Iterator[LineServers]:
+    servers = LineServers()
+    yield servers
+    for server in servers.servers:
         server.stop(timeout=1)
 
 
@@ -60,7 +65,7 @@ def connect(address: tuple[str, int]) -> Any:
 
 
 @pytest.mark.timeout(10)
-def test_request_gets_the_message_back_with_the_server_id(serve_line: Any) -> None:
+def test_request_gets_the_message_back_with_the_server_id(serve_line: LineServers) -> None:
     service = LineService("alpha")
     sock = connect(serve_line(service))
     with sock:
@@ -71,7 +76,7 @@ def test_request_gets_the_message_back_with_the_server_id(serve_line: Any) -> No
 
 
 @pytest.mark.timeout(10)
-def test_server_answers_pipelined_requests_in_order(serve_line: Any) -> None:
+def test_server_answers_pipelined_requests_in_order(serve_line: LineServers) -> None:
     sock = connect(serve_line(LineService("b")))
     with sock:
         sock.sendall(b"one\ntwo\n")
@@ -79,7 +84,7 @@ def test_server_answers_pipelined_requests_in_order(serve_line: Any) -> None:
 
 
 @pytest.mark.timeout(10)
-def test_service_counts_connections_until_the_client_hangs_up(serve_line: Any) -> None:
+def test_service_counts_connections_until_the_client_hangs_up(serve_line: LineServers) -> None:
     service = LineService("c")
     address = serve_line(service)
     socks = [connect(address) for _ in range(3)]
@@ -88,14 +93,14 @@ def test_service_counts_connections_until_the_client_hangs_up(serve_line: Any) -
     assert service.connections == service.peak_connections == 3
     for sock in socks:
         sock.close()
-    with gevent.Timeout(5):
-        while service.connections:
-            gevent.sleep(0.01)
+    (server,) = serve_line.servers
+    assert server.pool.join(timeout=5), "handlers still running after the client hung up"
+    assert service.connections == 0
     assert service.peak_connections == 3
 
 
 @pytest.mark.timeout(10)
-def test_capacity_makes_requests_queue(serve_line: Any) -> None:
+def test_capacity_makes_requests_queue(serve_line: LineServers) -> None:
     address = serve_line(LineService("d", service_time=0.1, capacity=1))
     socks = [connect(address) for _ in range(3)]
     started = time.perf_counter()
