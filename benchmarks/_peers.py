@@ -2,8 +2,9 @@
 
 * ``LifoPool``: the hand-written pool most gevent code uses, a ``gevent.queue.LifoQueue``
   of sockets, raw (``get``/``put``) or as a small context manager (``connection``).
-* ``CheckedLifoPool``: the same with the checkout liveness check urllib3 and
-  redis-py do (a non-blocking ``MSG_PEEK`` recv; a dead socket is dropped).
+* ``CheckedLifoPool``: the same with a checkout liveness check, a dead socket
+  dropped: redis-py's (a non-blocking ``MSG_PEEK`` recv, ``is_dead``) or
+  urllib3's (a fresh ``select.poll`` with timeout 0, ``is_readable``).
 * ``gsocketpool_pool``: gsocketpool 0.1.6 (``with pool.connection()``).
 * ``GeventConnPoolPort``: geventconnpool 0.2.1 does not import on Python 3
   (``from pool import ...``, ``gevent.coros``, ``xrange``); this is its
@@ -12,9 +13,10 @@
 
 from __future__ import annotations
 
+import select
 import socket as stdsocket
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, TypeAlias
@@ -33,7 +35,7 @@ PEEK = stdsocket.MSG_PEEK | stdsocket.MSG_DONTWAIT
 
 
 def is_dead(sock: Sock) -> bool:
-    """Non-blocking check whether the peer closed ``sock`` (what urllib3/redis-py do)."""
+    """Non-blocking ``MSG_PEEK``: has the peer closed ``sock``? (redis-py's check)."""
     try:
         return bool(sock._sock.recv(1, PEEK) == b"")
     except BlockingIOError:
@@ -74,6 +76,13 @@ def loopback_pairs(n: int) -> tuple[list[Sock], list[Sock]]:
     acceptor.join()
     listener.close()
     return clients, accepted
+
+
+def is_readable(sock: Sock) -> bool:
+    """urllib3's ``is_connection_dropped``: anything to read (EOF included) means dropped."""
+    poll = select.poll()
+    poll.register(sock, select.POLLIN)
+    return bool(poll.poll(0))
 
 
 def filled_client(socks: list[Sock]) -> CallosumClient:
@@ -125,10 +134,14 @@ class LifoPool:
 class CheckedLifoPool(LifoPool):
     """``LifoPool`` that checks liveness at checkout and drops dead sockets."""
 
+    def __init__(self, socks: Iterable[Sock], dead: Callable[[Sock], bool] = is_dead) -> None:
+        super().__init__(socks)
+        self._dead = dead
+
     def get(self, timeout: float | None = None) -> Sock:
         while True:
             sock = super().get(timeout)
-            if not is_dead(sock):
+            if not self._dead(sock):
                 return sock
             sock.close()
 

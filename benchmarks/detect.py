@@ -102,7 +102,7 @@ def one_round(
     }
     lends: dict[str, Callable[[], Sock]] = {
         "LifoQueue": lambda: lifo.get(timeout=0.01),
-        "LifoQueue+check": lambda: checked.get(timeout=0.01),
+        "LifoQueue+peek": lambda: checked.get(timeout=0.01),
         "gsocketpool": lambda: gsp.acquire().get(),
         "callosum": lambda: client.get_connection(timeout=0.01),
     }

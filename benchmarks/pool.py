@@ -16,6 +16,8 @@ from ._peers import (
     close_all,
     filled_client,
     gsocketpool_pool,
+    is_dead,
+    is_readable,
     loopback_pairs,
 )
 
@@ -23,7 +25,12 @@ N_CONNECTIONS = 16
 REFERENCE = "LifoQueue with"
 # Pools that, like ours, are packaged or check liveness; the bare LifoQueue
 # wrapper does neither and is reported on its own line.
-GEVENT_PEERS_WITH = ("LifoQueue+check with", "gsocketpool with", "geventconnpool* with")
+GEVENT_PEERS_WITH = (
+    "LifoQueue+peek with",
+    "LifoQueue+poll with",
+    "gsocketpool with",
+    "geventconnpool* with",
+)
 
 
 def per_op(loop: Callable[[int], None], n: int) -> Callable[[], float]:
@@ -52,7 +59,8 @@ def variants(socks: list[Sock], n: int) -> dict[str, Callable[[], float]]:
     """The lend + return loops; each pool gets its own copy of the socket list."""
     floor = list(socks)
     lifo = LifoPool(socks)
-    checked = CheckedLifoPool(socks)
+    peek = CheckedLifoPool(socks, is_dead)
+    polled = CheckedLifoPool(socks, is_readable)
     gsp = gsocketpool_pool(socks)
     gcp = GeventConnPoolPort(socks, (OSError,))
     client = filled_client(socks)
@@ -73,7 +81,8 @@ def variants(socks: list[Sock], n: int) -> dict[str, Callable[[], float]]:
         "list pop/append": floor_loop,
         "LifoQueue get/put": lifo_raw,
         "LifoQueue with": with_loop(lifo.connection),
-        "LifoQueue+check with": with_loop(checked.connection),
+        "LifoQueue+peek with": with_loop(peek.connection),
+        "LifoQueue+poll with": with_loop(polled.connection),
         "gsocketpool with": with_loop(gsp.connection),
         "geventconnpool* with": with_loop(gcp.get),
         "callosum get/return": callosum_raw,
@@ -107,8 +116,9 @@ def run(quick: bool) -> dict[str, Any]:
     ]
     print_table(
         f"pool: one lend + return, 1 greenlet, {N_CONNECTIONS} loopback TCP connections, "
-        f"{n:,} cycles x {repeats} repeats (* = geventconnpool 0.2.1 get() ported: it does not "
-        "import on Python 3)",
+        f"{n:,} cycles x {repeats} repeats. +peek: redis-py's MSG_PEEK check at checkout; "
+        "+poll: urllib3's poll(0); * geventconnpool 0.2.1 get() ported (it does not import "
+        "on Python 3)",
         ["variant", "ns/cycle median (min-max)", f"ratio to {REFERENCE}"],
         rows,
     )
