@@ -21,7 +21,7 @@ import argparse
 import os
 import sys
 import urllib.parse
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import gevent
@@ -34,9 +34,9 @@ StartResponse = Callable[..., Any]
 _pool: tuple[int, CallosumClient, Rover] | None = None
 
 
-def parse_backends(spec: str) -> dict[str, tuple[str, int]]:
+def parse_backends(spec: str) -> dict[Hashable, tuple[str, int]]:
     """Turn ``"host:port,host:port"`` into the rover's server map."""
-    servers = {}
+    servers: dict[Hashable, tuple[str, int]] = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         host, _, port = item.rpartition(":")
         servers[item] = (host, int(port))
@@ -58,6 +58,15 @@ def client() -> CallosumClient:
     return _pool[1]
 
 
+def shutdown() -> None:
+    """Stop this process's rover and close its client, if it made them."""
+    global _pool
+    if _pool is not None and _pool[0] == os.getpid():
+        _pool[2].stop()
+        _pool[1].close()
+    _pool = None
+
+
 def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
     """Send the ``q`` query parameter to a backend and return its reply."""
     query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
@@ -65,7 +74,10 @@ def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[byte
     try:
         with client().connection(timeout=2) as sock, sock.makefile("rb") as stream:
             sock.sendall(message.encode() + b"\n")
-            reply = stream.readline()
+            reply = stream.readline(65536)
+            if not reply.endswith(b"\n"):
+                # Raising inside the block makes the client discard the connection.
+                raise ConnectionError("the backend hung up")
         status = "200 OK"
     except (OSError, CallosumError) as exc:
         reply, status = f"backend unavailable: {exc}\n".encode(), "503 Service Unavailable"
@@ -84,19 +96,21 @@ def echo(sock: Any, address: Any) -> None:
 
 def self_test(port: int) -> int:
     """Fire requests at the running app and say how they went."""
+    # gevent's socket, not urllib: the app runs in this very process and hub.
     from gevent import socket
 
-    def get(number: int) -> str:
+    def get(number: int) -> tuple[str, str]:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall(b"GET /?q=req%d HTTP/1.0\r\nHost: localhost\r\n\r\n" % number)
             with sock.makefile("rb") as stream:
-                return stream.read().decode()
+                head, _, body = stream.read().decode().partition("\r\n\r\n")
+        return head.split()[1], body
 
     answers = [g.get() for g in gevent.joinall([gevent.spawn(get, n) for n in range(20)])]
-    ok = sum(a.startswith("HTTP/1.1 200") for a in answers)
-    backends = {a.rsplit("\r\n\r\n", 1)[-1].split()[0] for a in answers if "200" in a[:13]}
-    print(f"self-test: {ok}/{len(answers)} requests answered 200 by {len(backends)} backends")
-    return 0 if ok == len(answers) else 1
+    ok = [body for status, body in answers if status == "200"]
+    backends = {body.split()[0] for body in ok}
+    print(f"self-test: {len(ok)}/{len(answers)} requests answered 200 by {len(backends)} backends")
+    return 0 if len(ok) == len(answers) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     finally:
         http.stop(timeout=1)
+        shutdown()
         for backend in backends:
             backend.stop(timeout=1)
     return 0
