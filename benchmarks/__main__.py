@@ -11,7 +11,7 @@ from typing import Any
 
 from ._harness import RESULTS_DIR, machine_info, save_json
 
-NAMES = ("pool", "contention", "roundtrip", "detect", "scale", "fill", "balance")
+NAMES = ("pool", "contention", "roundtrip", "detect", "scale", "fill", "watcher", "balance")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,12 +7,14 @@ import os
 import socket
 import time
 import weakref
+from functools import partial
 from types import TracebackType
 from typing import Any, Final, Protocol
 
 import gevent
 from gevent.event import Event
 from gevent.monkey import get_original
+from greenlet import greenlet
 
 from ._state import IDLE, LEASED, RETIRED, Entry, PoolState
 from .errors import PoolClosed, PoolTimeout
@@ -40,11 +42,12 @@ class _Socket(Protocol):
 class _Conn(Entry):
     """A pooled connection: the bookkeeping entry plus its I/O helpers."""
 
-    __slots__ = ("fd", "lent_at", "poll", "raw", "watcher")
+    __slots__ = ("fd", "io", "lent_at", "poll", "raw", "wake")
 
     item: Any
     poll: Any
-    watcher: Any
+    io: Any
+    wake: Any
 
     def __init__(self, slot: int, sock: _Socket, fd: int) -> None:
         super().__init__(slot, sock)
@@ -66,8 +69,9 @@ class _Waiter:
 
 
 def _evict_idle(client: CallosumClient, conn: _Conn) -> None:
-    # Runs in the hub when an idle socket turns readable: FIN, RST, an error,
-    # or bytes nobody asked for. Any of them makes it unfit to lend.
+    # The watcher greenlet's body. Its socket's io watcher switches to it when
+    # the idle socket turns readable: FIN, RST, an error, or bytes nobody asked
+    # for. Any of them makes the connection unfit to lend.
     if conn.state == IDLE:
         client._evicted += 1
         client._drop(conn, "evicted by watcher")
@@ -197,7 +201,8 @@ class CallosumClient:
             (keepalive_idle, keepalive_interval, keepalive_count) if keepalive else None
         )
         self._max_slot_number = max_slot_number
-        self._loop = gevent.get_hub().loop
+        self._hub = gevent.get_hub()
+        self._loop = self._hub.loop
         self._state: PoolState[_Conn, _Waiter] = PoolState(max_slots)
         # Every connection this client owns, idle or lent, by its socket.
         self._conns: dict[Any, _Conn] = {}
@@ -269,9 +274,12 @@ class CallosumClient:
             return False
         self._kept += 1
         conn.poll = _unfit_check(sock, fd)
-        conn.watcher = watcher = self._loop.io(fd, _READ)
+        conn.io = io = self._loop.io(fd, _READ)
         # An idle pool must not keep the hub alive on its own.
-        watcher.ref = False
+        io.ref = False
+        # The watcher greenlet: started by the io watcher only if the socket
+        # turns readable while idle, so lending and returning never switch to it.
+        conn.wake = greenlet(partial(_evict_idle, self, conn), self._hub).switch
         self._conns[sock] = conn
         self._set_keepalive(sock)
         if displaced is not None:
@@ -312,7 +320,7 @@ class CallosumClient:
             timeout = _check_timeout(timeout)
         conn = self._state.lend()
         if conn is not None and not conn.poll(0):
-            conn.watcher.stop()
+            conn.io.stop()
             conn.lent_at = self._loop.iteration
             return conn.item
         if conn is not None:
@@ -325,7 +333,7 @@ class CallosumClient:
         # The slow path of get_connection: skip idle connections found dead.
         while (conn := self._state.lend()) is not None:
             if not conn.poll(0):
-                conn.watcher.stop()
+                conn.io.stop()
                 conn.lent_at = self._loop.iteration
                 return conn.item
             self._dead_at_handout += 1
@@ -371,7 +379,7 @@ class CallosumClient:
             self._release(conn)
         else:
             self._state.restore(conn)
-            conn.watcher.start(_evict_idle, self, conn)
+            conn.io.start(conn.wake)
 
     def discard_connection(self, sock: Any) -> None:
         """Close a lent connection that is broken or mid-protocol, freeing its slot.
@@ -405,7 +413,7 @@ class CallosumClient:
             waiter.event.set()
             return
         self._state.restore(conn)
-        conn.watcher.start(_evict_idle, self, conn)
+        conn.io.start(conn.wake)
 
     def _wait(self, timeout: float | None) -> Any:
         if self._closed:
@@ -473,8 +481,9 @@ class CallosumClient:
 
     def _close(self, conn: _Conn) -> None:
         # Stop watching before closing: libev must never watch a closed fd.
-        conn.watcher.stop()
-        conn.watcher.close()
+        conn.io.stop()
+        conn.io.close()
+        conn.wake = None
         self._conns.pop(conn.item, None)
         _close_quietly(conn.item)
 
@@ -497,10 +506,11 @@ class CallosumClient:
         # our copies of the descriptors (the parent's stay open: no shutdown()),
         # and start afresh with the same settings.
         for conn in list(self._conns.values()):
-            conn.watcher.stop()
+            conn.io.stop()
             _close_quietly(conn.item)
         waiters = self._state.waiters
-        self._loop = gevent.get_hub().loop
+        self._hub = gevent.get_hub()
+        self._loop = self._hub.loop
         self._conns = {}
         self._state = PoolState[_Conn, _Waiter](self._max_slots)
         self._state.waiters = waiters
