@@ -424,7 +424,10 @@ def format_table(options: DemoOptions, callosum: RunResult, baseline: RunResult)
         )
     lines.append(rule)
     lines.append(f"{'all':<19} | {_columns(callosum, None)} | {_columns(baseline, None)}")
-    lines.append("held/peak: connections open at the end / at most, rovers' probes included")
+    lines.append(
+        "held/peak: connections a server had open at the end / at most, the rovers' probes "
+        "included ('all' adds them up)"
+    )
     for name, result in (("Callosum", callosum), ("random choice", baseline)):
         lines.append(
             f"{name}: {result.retried} retried, {result.failed} failed after a retry, "
@@ -439,7 +442,7 @@ def format_table(options: DemoOptions, callosum: RunResult, baseline: RunResult)
         f"Callosum vs random choice: p99 {tails[0]:.1f} vs {tails[1]:.1f} ms; the slow server "
         f"{options.slow_id} served {shares[0]:.0%} vs {shares[1]:.0%} of requests"
     )
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def run_demo(options: DemoOptions, out: TextIO | None = None, err: TextIO | None = None) -> int:
