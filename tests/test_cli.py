@@ -265,3 +265,26 @@ def free_port() -> int:
     with stdsocket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.timeout(10)
+def test_progress_redraws_one_bar_on_a_terminal_and_writes_lines_elsewhere() -> None:
+    terminal, log = FakeTerminal(), io.StringIO()
+    bars = [Progress(terminal, "run", 10), Progress(log, "run", 10)]
+    for bar in bars:
+        with bar.shown():
+            for _ in range(10):
+                bar.done += 1
+                gevent.sleep(0.03)
+    drawn = terminal.getvalue()
+    assert drawn.startswith("\r") and drawn.endswith("\n") and drawn.count("\n") == 1
+    assert drawn.rsplit("\r", 1)[-1] == f"run       [{'#' * 30}] 10/10\n"
+    # Off a terminal: a line now and then, and never the same count twice.
+    lines = log.getvalue().splitlines()
+    assert lines[-1] == "run: 10/10 requests"
+    assert len(lines) == len(set(lines))
