@@ -79,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--weight", type=int, default=1, help="connections per slot number (default %(default)s)"
     )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        help="connections held at most (default: no limit)",
+    )
     serve.add_argument("--id", default=None, help="name in replies (default HOST:PORT)")
 
     call = commands.add_parser(
@@ -104,7 +110,12 @@ def _demo_options(args: argparse.Namespace) -> DemoOptions:
 
 def _serve(args: argparse.Namespace) -> int:
     service = LineService(args.id or "server", args.service_time, args.capacity)
-    server = CallosumServer((args.host, args.port), service, weight=args.weight)
+    server = CallosumServer(
+        (args.host, args.port),
+        service,
+        weight=args.weight,
+        max_connections=args.max_connections,
+    )
     server.start()
     host, port = server.address[:2]
     if args.id is None:
@@ -166,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, CallosumError) as exc:
         print(f"callosum-gevent {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130  # the shell's code for Ctrl-C, without a traceback
 
 
 if __name__ == "__main__":

@@ -206,6 +206,9 @@ def test_callosum_spares_the_slow_server_and_cuts_the_tail() -> None:
         (["demo", "--requests", "0"], "requests must be >= 1"),
         (["call", "localhost", "hi"], "is not HOST:PORT"),
         (["serve", "--port", "x"], "invalid int value"),
+        (["serve", "--port", "0", "--weight", "0"], "weight must be >= 1"),
+        (["serve", "--port", "0", "--capacity", "0"], "capacity must be >= 1"),
+        (["call", "127.0.0.1:9", "hi", "--timeout", "-1"], "timeout"),
     ],
 )
 def test_bad_options_exit_2_with_a_usage_error(
