@@ -18,13 +18,15 @@ def echo(sock: Any, address: Any) -> None:
 def main() -> None:
     with CallosumServer(("127.0.0.1", 0), echo) as server:
         server.start()
-        with CallosumClient(max_slots=4) as client:
-            rover = Rover(client, {"local": ("127.0.0.1", server.server_port)}, interval=0.1)
-            rover.start()
-            with client.connection(timeout=5) as sock:
-                sock.sendall(b"hello, callosum\n")
-                print(sock.makefile("rb").readline().decode().strip())
-            rover.stop()
+        address = ("127.0.0.1", server.server_port)
+        # The rover fills the client at once, then keeps trading for lower slots.
+        with (
+            CallosumClient(max_slots=4) as client,
+            Rover(client, {"local": address}),
+            client.connection(timeout=5) as sock,
+        ):
+            sock.sendall(b"hello, callosum\n")
+            print(sock.makefile("rb").readline().decode().strip())
 
 
 if __name__ == "__main__":
