@@ -424,10 +424,7 @@ def format_table(options: DemoOptions, callosum: RunResult, baseline: RunResult)
         )
     lines.append(rule)
     lines.append(f"{'all':<19} | {_columns(callosum, None)} | {_columns(baseline, None)}")
-    lines.append(
-        "held/peak: connections a server had open at the end / at most, the rovers' probes "
-        "included ('all' adds them up)"
-    )
+    lines.append("held/peak: connections open at the end / at most (rover probes count)")
     for name, result in (("Callosum", callosum), ("random choice", baseline)):
         lines.append(
             f"{name}: {result.retried} retried, {result.failed} failed after a retry, "
