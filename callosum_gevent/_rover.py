@@ -159,7 +159,7 @@ class Rover:
     def __init__(
         self,
         client: ConnectionSink,
-        servers: Mapping[Hashable, Address] | None = None,
+        servers: Mapping[Any, Address] | None = None,
         *,
         interval: float = 1.0,
         connect_timeout: float = 1.0,
