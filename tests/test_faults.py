@@ -64,17 +64,17 @@ def test_killed_server_idle_evicted_borrower_errors_rover_refills(farm: Farm) ->
     assert [seed.rove() for _ in range(3)] == [0, 1, 2]
     leased = client.get_connection(timeout=0)
     assert port_of(leased) == dying
-    # One attempt at a time, and no roving once full, so nothing is displaced.
-    rover = Rover(client, farm.addresses(), interval=3600, fill_concurrency=1, backoff_base=0.05)
+    rover = Rover(client, farm.addresses(), interval=3600, backoff_base=0.05)
+    # Fill by hand, so that no attempt in the background displaces anything.
+    while client.slot_count < 9:
+        rover.rove()
+    doomed = [s for s in borrow_all(client) if port_of(s) == dying]
+    others = borrow_all(client)
+    for sock in [*doomed, *others]:
+        client.return_connection(sock)
+    assert len(doomed) >= 2  # slots 1 and 2 of the dying server
+    evicted = client.stats()["evicted"]
     with rover:
-        assert wait_until(lambda: client.slot_count == 9)
-        doomed = [s for s in borrow_all(client) if port_of(s) == dying]
-        others = borrow_all(client)
-        for sock in [*doomed, *others]:
-            client.return_connection(sock)
-        assert len(doomed) >= 2  # slots 1 and 2 of the dying server
-        evicted = client.stats()["evicted"]
-
         farm.stop(0)  # stop(timeout=0): handlers killed, connections closed
 
         # Idle connections to it are evicted by their watchers, without a borrower.
@@ -90,11 +90,12 @@ def test_killed_server_idle_evicted_borrower_errors_rover_refills(farm: Farm) ->
         before = client.slot_count
         client.discard_connection(leased)
         assert client.slot_count == before - 1
-        # The rover refills from the two servers left.
+        # The rover refills from the two servers left (woken: its interval is an hour).
         rover.wake()
         assert wait_until(lambda: client.slot_count == 9, timeout=10)
         assert dying not in idle_ports(client)
         assert set(idle_ports(client)) <= {farm.ports[1], farm.ports[2]}
+    client.close()
 
 
 @pytest.mark.timeout(30)
