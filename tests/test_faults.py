@@ -68,9 +68,9 @@ def test_killed_server_idle_evicted_borrower_errors_rover_refills(farm: Farm) ->
     # Fill by hand, so that no attempt in the background displaces anything.
     while client.slot_count < 9:
         rover.rove()
-    doomed = [s for s in borrow_all(client) if port_of(s) == dying]
-    others = borrow_all(client)
-    for sock in [*doomed, *others]:
+    socks = borrow_all(client)
+    doomed = [s for s in socks if port_of(s) == dying]
+    for sock in socks:
         client.return_connection(sock)
     assert len(doomed) >= 2  # slots 1 and 2 of the dying server
     evicted = client.stats()["evicted"]
@@ -95,6 +95,7 @@ def test_killed_server_idle_evicted_borrower_errors_rover_refills(farm: Farm) ->
         assert wait_until(lambda: client.slot_count == 9, timeout=10)
         assert dying not in idle_ports(client)
         assert set(idle_ports(client)) <= {farm.ports[1], farm.ports[2]}
+    assert client.leased_count == 0
     client.close()
 
 
