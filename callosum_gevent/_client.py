@@ -265,6 +265,8 @@ class CallosumClient:
             _close_quietly(sock)
             self._turned_down += 1
             return False
+        # Before admitting it, so that nothing here can strand a counted slot.
+        self._set_keepalive(sock)
         conn = _Conn(slot, sock, fd)
         kept, displaced = self._state.admit(conn)
         if not kept:
@@ -281,7 +283,6 @@ class CallosumClient:
         # turns readable while idle, so lending and returning never switch to it.
         conn.wake = greenlet(partial(_evict_idle, self, conn), self._hub).switch
         self._conns[sock] = conn
-        self._set_keepalive(sock)
         if displaced is not None:
             self._replaced += 1
             _log.debug("slot %d replaces slot %d", slot, displaced.slot)

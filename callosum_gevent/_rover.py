@@ -206,17 +206,17 @@ class Rover:
             raise TypeError("on_unreachable must be callable")
 
         self._client = client
-        self.interval = float(interval)
-        self.connect_timeout = float(connect_timeout)
-        self.slot_timeout = float(slot_timeout)
-        self.fill_concurrency = fill_concurrency
-        self.max_slot = max_slot
-        self.resolve_interval = float(resolve_interval)
-        self.backoff_base = float(backoff_base)
-        self.backoff_max = float(backoff_max)
-        self.ssl_context = ssl_context
-        self.server_hostname = server_hostname
-        self.on_unreachable = on_unreachable
+        self._interval = float(interval)
+        self._connect_timeout = float(connect_timeout)
+        self._slot_timeout = float(slot_timeout)
+        self._fill_concurrency = fill_concurrency
+        self._max_slot = max_slot
+        self._resolve_interval = float(resolve_interval)
+        self._backoff_base = float(backoff_base)
+        self._backoff_max = float(backoff_max)
+        self._ssl_context = ssl_context
+        self._server_hostname = server_hostname
+        self._on_unreachable = on_unreachable
 
         self._servers = {id_: _Server(id_, *hp) for id_, hp in parsed.items()}
         self._counts: Counter[str] = Counter(dict.fromkeys(_COUNTERS, 0))
@@ -230,6 +230,36 @@ class Rover:
         self._in_flight = 0
 
     # -- public API ---------------------------------------------------------
+
+    @property
+    def interval(self) -> float:
+        """Seconds between attempts once the client is full (jittered ±10%)."""
+        return self._interval
+
+    @interval.setter
+    def interval(self, seconds: float) -> None:
+        _check_number("interval", seconds)
+        self._interval = float(seconds)
+
+    @property
+    def connect_timeout(self) -> float:
+        """Seconds allowed to connect (and finish a TLS handshake)."""
+        return self._connect_timeout
+
+    @property
+    def slot_timeout(self) -> float:
+        """Seconds allowed to read the slot line."""
+        return self._slot_timeout
+
+    @property
+    def fill_concurrency(self) -> int:
+        """Attempts in flight at most while the client is filling."""
+        return self._fill_concurrency
+
+    @property
+    def max_slot(self) -> int:
+        """Highest slot number accepted from a server."""
+        return self._max_slot
 
     def start(self) -> None:
         """Start roving in the background; do nothing if already running."""
@@ -329,7 +359,7 @@ class Rover:
                 timeout = next_rove - now
             # Filling keeps fill_concurrency attempts going even when fewer are
             # missing, so attempts stalled on a slow server cannot stop it.
-            elif self._in_flight < (self.fill_concurrency if missing > 0 else 1):
+            elif self._in_flight < (self._fill_concurrency if missing > 0 else 1):
                 due_in = self._due_in(now)
                 if due_in == 0.0:
                     # Counted by hand: the pool forgets a greenlet only some
@@ -337,7 +367,7 @@ class Rover:
                     self._in_flight += 1
                     self._pool.spawn(self._background_attempt)
                     # Jittered, so that many clients do not rove in lockstep.
-                    next_rove = now + self.interval * random.uniform(0.9, 1.1)
+                    next_rove = now + self._interval * random.uniform(0.9, 1.1)
                     continue
                 timeout = due_in
             # Otherwise the pool is busy: the next attempt to end wakes us.
@@ -398,10 +428,10 @@ class Rover:
             for sockaddr, family in fresh.items()
         ]
         server.resolve_failures = 0
-        server.resolve_due = time.monotonic() + self.resolve_interval
+        server.resolve_due = time.monotonic() + self._resolve_interval
 
     def _backoff(self, failures: int) -> float:
-        delay = min(self.backoff_max, self.backoff_base * 2.0 ** min(failures - 1, 64))
+        delay = min(self._backoff_max, self._backoff_base * 2.0 ** min(failures - 1, 64))
         return delay * random.uniform(0.5, 1.0)
 
     def _attempt(self, force: bool) -> int | None:
@@ -414,12 +444,12 @@ class Rover:
         try:
             sock = gsocket.socket(endpoint.family, socket.SOCK_STREAM)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with gevent.Timeout(self.connect_timeout, TimeoutError("connect timed out")):
+            with gevent.Timeout(self._connect_timeout, TimeoutError("connect timed out")):
                 sock.connect(endpoint.sockaddr)
-                if self.ssl_context is not None:
+                if self._ssl_context is not None:
                     sock = self._wrap(sock, endpoint)
                     sock.do_handshake()
-            slot = read_slot_line(sock, self.slot_timeout, self.max_slot)
+            slot = read_slot_line(sock, self._slot_timeout, self._max_slot)
             offered, sock = sock, None
         except ProtocolError as exc:
             self._endpoint_failed(endpoint, "protocol_errors", exc)
@@ -441,7 +471,7 @@ class Rover:
         return slot
 
     def _wrap(self, sock: Any, endpoint: _Endpoint) -> Any:
-        hostname = self.server_hostname
+        hostname = self._server_hostname
         if hostname is None:
             server = self._servers.get(endpoint.server_id)
             hostname = server.host if server is not None else endpoint.address[0]
@@ -451,7 +481,7 @@ class Rover:
             sock=sock,
             server_hostname=hostname,
             do_handshake_on_connect=False,
-            _context=self.ssl_context,
+            _context=self._ssl_context,
         )
 
     def _offer(self, slot: int, sock: Any) -> bool:
@@ -505,8 +535,8 @@ class Rover:
         # Warn when a server starts failing; repeats while it stays down are noise.
         level = logging.WARNING if warn else logging.DEBUG
         _log.log(level, "rover: server %r at %s: %s: %s", server_id, address, kind, exc)
-        if self.on_unreachable is not None:
+        if self._on_unreachable is not None:
             try:
-                self.on_unreachable(server_id, address)
+                self._on_unreachable(server_id, address)
             except Exception:
                 _log.exception("rover: on_unreachable(%r, %s) raised", server_id, address)

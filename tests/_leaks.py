@@ -17,7 +17,13 @@ __all__ = ["HubErrors", "live_greenlets", "open_fds", "warm_up"]
 
 
 def open_fds() -> int:
-    """Return how many file descriptors this process has open."""
+    """Return how many file descriptors this process has open, once it has settled.
+
+    Earlier tests may leave sockets whose peers are still closing, and
+    unreachable ones waiting for the garbage collector: let both finish first.
+    """
+    gevent.sleep(0.05)
+    gc.collect()
     return len(os.listdir("/proc/self/fd"))
 
 
