@@ -102,6 +102,7 @@ class _Endpoint:
     failures: int = 0
     due: float = 0.0  # monotonic time before which it is not tried
     in_flight: int = 0
+    tried: bool = False  # a new server is tried at once, not at the next interval
 
     @property
     def address(self) -> tuple[str, int]:
@@ -355,7 +356,7 @@ class Rover:
             now = time.monotonic()
             missing = self._missing()
             timeout: float | None = None
-            if missing <= 0 and now < next_rove:
+            if missing <= 0 and now < next_rove and not self._untried(now):
                 timeout = next_rove - now
             # Filling keeps fill_concurrency attempts going even when fewer are
             # missing, so attempts stalled on a slow server cannot stop it.
@@ -372,6 +373,12 @@ class Rover:
                 timeout = due_in
             # Otherwise the pool is busy: the next attempt to end wakes us.
             self._wakeup.wait(timeout)
+
+    def _untried(self, now: float) -> bool:
+        """Tell whether a server was added (or a name is due a first look-up) and not yet tried."""
+        return any(not ep.tried and ep.due <= now for ep in self._endpoints()) or any(
+            not s.endpoints and s.resolve_due <= now for s in self._servers.values()
+        )
 
     def _due_in(self, now: float) -> float | None:
         """Return seconds until some server may be tried (0.0: now), or None if none exist."""
@@ -397,6 +404,11 @@ class Rover:
         now = time.monotonic()
         endpoints = self._endpoints()
         ready = [ep for ep in endpoints if ep.due <= now]
+        untried = [ep for ep in ready if not ep.tried]
+        if untried:
+            # A server just added (or a new address of one) offers its lowest
+            # slots: take them now rather than wait for chance to pick it.
+            return random.choice(untried)
         if ready:
             # Least busy first, so a server that stalls attempts holds at most
             # one more of them than the others and cannot take over the pool.
@@ -440,6 +452,7 @@ class Rover:
             return None
         self._counts["attempts"] += 1
         endpoint.in_flight += 1
+        endpoint.tried = True
         sock: Any = None
         try:
             sock = gsocket.socket(endpoint.family, socket.SOCK_STREAM)

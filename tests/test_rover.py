@@ -429,6 +429,22 @@ def test_refills_after_losses_on_next_tick_or_wake(make_server: Any, make_rover:
 
 
 @pytest.mark.timeout(10)
+def test_added_server_is_tried_at_once_when_full(make_server: Any, make_rover: Any) -> None:
+    rec = Recorder(max_slots=4)
+    rover = make_rover(rec, {"a": address_of(make_server())}, interval=3600.0)
+    rover.start()
+    assert wait_until(lambda: rec.slot_count == 4)
+    gevent.sleep(0.2)  # full: the loop now waits out its hour
+    joiner = make_server()
+    rover.add_server("b", address_of(joiner))
+    # Its low slots are offered now, not an hour (one roving interval) later.
+    assert wait_until(lambda: joiner.stats()["accepted"] == 1, timeout=3)
+    gevent.sleep(0.2)
+    assert joiner.stats()["accepted"] == 1  # once tried, it waits its turn like the rest
+    rec.close()
+
+
+@pytest.mark.timeout(10)
 def test_no_servers_means_no_spin_until_one_is_added(
     recorder: Recorder, make_server: Any, make_rover: Any
 ) -> None:
