@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 import weakref
 from functools import partial
 from types import TracebackType
@@ -61,11 +60,19 @@ class _Conn(Entry):
 class _Waiter:
     """A greenlet waiting in get_connection for a connection to be handed over."""
 
-    __slots__ = ("conn", "event")
+    __slots__ = ("conn", "event", "expired")
 
     def __init__(self) -> None:
         self.event = Event()
         self.conn: _Conn | None = None
+        self.expired = False
+
+
+def _expire(waiter: _Waiter) -> None:
+    # The wait's timer, run by the hub: wake the waiter to time out, unless a
+    # connection reached it first (it then keeps the connection).
+    waiter.expired = True
+    waiter.event.set()
 
 
 def _evict_idle(client: CallosumClient, conn: _Conn) -> None:
@@ -365,19 +372,21 @@ class CallosumClient:
                 return
             raise ValueError("sock is not lent from this client")
         raw = conn.raw
-        lent_at = conn.lent_at
         if self._closed:
             self._drop(conn, "client closed")
-        elif (sock._sock is not raw if raw is not None else sock.fileno() != conn.fd) or (
-            # Checked at hand-out in this same turn of the hub: the FIN a poll
-            # could find now would also be found at the next hand-out, and the
-            # watcher acts on it within a turn, so save the system call.
-            (lent_at != self._loop.iteration or lent_at < 0) and conn.poll(0)
-        ):
+        elif sock._sock is not raw if raw is not None else sock.fileno() != conn.fd:
             self._dead_at_return += 1
             self._drop(conn, "found dead at return")
         elif self._state.waiters:
-            self._release(conn)
+            self._release(conn)  # the waiter checks it when it wakes: one poll, not two
+        elif (
+            # Checked at hand-out in this same turn of the hub: the FIN a poll
+            # could find now would also be found at the next hand-out, and the
+            # watcher acts on it within a turn, so save the system call.
+            (conn.lent_at != self._loop.iteration or conn.lent_at < 0) and conn.poll(0)
+        ):
+            self._dead_at_return += 1
+            self._drop(conn, "found dead at return")
         else:
             self._state.restore(conn)
             conn.io.start(conn.wake)
@@ -426,12 +435,17 @@ class CallosumClient:
         state = self._state
         waiter = _Waiter()
         state.enqueue(waiter)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        event = waiter.event
+        # One timer for the whole wait, setting the same Event as a handover:
+        # a gevent.Timeout per Event.wait() would cost more than the wait.
+        timer = None
+        if timeout is not None:
+            timer = self._loop.timer(timeout)
+            timer.start(_expire, waiter)
         try:
             while True:
-                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                waiter.event.wait(remaining)
-                waiter.event.clear()
+                event.wait()
+                event.clear()
                 conn = waiter.conn
                 if conn is not None:
                     waiter.conn = None
@@ -445,7 +459,7 @@ class CallosumClient:
                     state.enqueue(waiter, first=True)
                 if self._closed:
                     raise PoolClosed("client was closed while waiting")
-                if deadline is not None and time.monotonic() >= deadline:
+                if waiter.expired:
                     self._timeouts += 1
                     raise PoolTimeout(f"no connection became free within {timeout} s")
         except BaseException:
@@ -460,6 +474,9 @@ class CallosumClient:
                 else:
                     self._drop(conn, "not taken")
             raise
+        finally:
+            if timer is not None:
+                timer.close()
 
     def _vet_handed(self, conn: _Conn) -> Any:
         # Check a connection handed over while this waiter slept; None if unfit.

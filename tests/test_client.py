@@ -509,3 +509,32 @@ def test_tls_bytes_buffered_in_ssl_object_are_caught_at_hand_out(peers: PeerServ
     with pytest.raises(PoolTimeout):
         client.get_connection(timeout=0)
     assert client.stats()["dead_at_handout"] == 1 and is_closed(sock)
+
+
+def test_waiter_keeps_connection_handed_as_its_time_runs_out(
+    client: CallosumClient, peers: PeerServer
+) -> None:
+    sock, _, _ = offer(client, peers, 0)
+    client.get_connection(timeout=0)
+    waiter = gevent.spawn(client.get_connection, timeout=0.01)
+    gevent.sleep(0)
+    time.sleep(0.05)  # a real sleep: the waiter's timer is due but has not run
+    client.return_connection(sock)
+    assert waiter.get(timeout=2) is sock  # handed over before the timer ran
+    assert client.stats()["timeouts"] == 0
+
+
+def test_dead_connection_handed_to_waiter_is_refused_by_it(
+    client: CallosumClient, peers: PeerServer
+) -> None:
+    dead, peer, _ = offer(client, peers, 0)
+    client.get_connection(timeout=0)
+    waiter = gevent.spawn(client.get_connection, timeout=5)
+    gevent.sleep(0)
+    peer.close()
+    gevent.sleep(0.01)
+    client.return_connection(dead)  # straight to the waiter, who checks it
+    fresh, _, _ = offer(client, peers, 1)
+    assert waiter.get(timeout=2) is fresh
+    assert is_closed(dead) and client.stats()["dead_at_handout"] == 1
+    assert client.slot_count == 1
