@@ -538,3 +538,17 @@ def test_dead_connection_handed_to_waiter_is_refused_by_it(
     assert waiter.get(timeout=2) is fresh
     assert is_closed(dead) and client.stats()["dead_at_handout"] == 1
     assert client.slot_count == 1
+
+
+def test_connection_retired_on_its_way_to_a_waiter_is_never_lent(peers: PeerServer) -> None:
+    client = CallosumClient(max_slots=1)
+    worse, worse_peer, _ = offer(client, peers, 5)
+    client.get_connection(timeout=0)
+    waiter = gevent.spawn(client.get_connection, timeout=5)
+    gevent.sleep(0)
+    client.return_connection(worse)  # handed to the waiter, which has not woken
+    better, _, kept = offer(client, peers, 2)  # retires the one on its way
+    assert kept
+    assert waiter.get(timeout=2) is better
+    assert is_closed(worse) and peer_saw_eof(worse_peer)
+    assert (client.slot_count, client.idle_count, client.leased_count) == (1, 0, 1)
