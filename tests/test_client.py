@@ -546,9 +546,9 @@ def test_connection_retired_on_its_way_to_a_waiter_is_never_lent(peers: PeerServ
     client.get_connection(timeout=0)
     waiter = gevent.spawn(client.get_connection, timeout=5)
     gevent.sleep(0)
+    better, _ = peers.connect()  # connect first: connecting yields to the hub
     client.return_connection(worse)  # handed to the waiter, which has not woken
-    better, _, kept = offer(client, peers, 2)  # retires the one on its way
-    assert kept
+    assert client.new_connection(2, better)  # retires the one on its way
     assert waiter.get(timeout=2) is better
     assert is_closed(worse) and peer_saw_eof(worse_peer)
     assert (client.slot_count, client.idle_count, client.leased_count) == (1, 0, 1)
