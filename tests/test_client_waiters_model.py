@@ -1,0 +1,192 @@
+"""Waiters under Hypothesis: greenlets queue, are served first come, first served, or are killed.
+
+A plain model predicts which waiting greenlet receives which connection;
+after every step the counts agree, every finished waiter holds the socket the
+model gave it, and no socket is lost or left open.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import gevent
+import pytest
+from _peers import PeerServer, is_closed
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from callosum_gevent import CallosumClient
+
+
+@dataclass
+class Conn:
+    slot: int
+    seq: int
+    sock: Any
+    status: str = "idle"  # idle, leased, retired, closed
+
+
+@dataclass
+class Waiter:
+    greenlet: Any
+    gets: Conn | None = None
+    killed: bool = False
+    extra: list[Any] = field(default_factory=list)
+
+
+def settle() -> None:
+    """Let every woken greenlet run to its next wait."""
+    for _ in range(3):
+        gevent.sleep(0)
+
+
+class WaitersModel(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.peers = PeerServer()
+        self.conns: list[Conn] = []
+        self.queue: list[Waiter] = []  # still waiting, oldest first
+        self.done: list[Waiter] = []
+        self.seq = 0
+
+    @initialize(max_slots=st.integers(1, 3))
+    def start(self, max_slots: int) -> None:
+        self.max_slots = max_slots
+        self.client = CallosumClient(max_slots=max_slots)
+
+    def with_status(self, *statuses: str) -> list[Conn]:
+        return [c for c in self.conns if c.status in statuses]
+
+    def hand_to_next_waiter(self, conn: Conn) -> bool:
+        if not self.queue:
+            return False
+        waiter = self.queue.pop(0)
+        waiter.gets = conn
+        conn.status = "leased"
+        self.done.append(waiter)
+        return True
+
+    @rule(slot=st.integers(0, 4))
+    def offer(self, slot: int) -> None:
+        sock, _ = self.peers.connect()
+        self.seq += 1
+        conn = Conn(slot, self.seq, sock, "closed")
+        self.conns.append(conn)
+        holders = self.with_status("idle", "leased")
+        kept = len(holders) < self.max_slots
+        if not kept:
+            worst = max(holders, key=lambda c: (c.slot, c.seq))
+            kept = slot < worst.slot
+            if kept:
+                worst.status = "closed" if worst.status == "idle" else "retired"
+        assert self.client.new_connection(slot, sock) is kept
+        if kept:
+            conn.status = "idle"
+            self.hand_to_next_waiter(conn)
+        settle()
+
+    @rule()
+    def wait(self) -> None:
+        waiter = Waiter(gevent.spawn(self.client.get_connection, timeout=30))
+        idle = self.with_status("idle")
+        if idle:  # nobody queues while a connection is idle
+            lowest = min(idle, key=lambda c: (c.slot, c.seq))
+            lowest.status = "leased"
+            waiter.gets = lowest
+            self.done.append(waiter)
+        else:
+            self.queue.append(waiter)
+        settle()
+
+    @precondition(lambda self: self.queue)
+    @rule(data=st.data())
+    def kill_waiter(self, data: st.DataObject) -> None:
+        waiter = data.draw(st.sampled_from(self.queue))
+        self.queue.remove(waiter)
+        waiter.killed = True
+        waiter.greenlet.kill(block=True)
+
+    @precondition(lambda self: [w for w in self.done if w.gets and w.gets.status != "closed"])
+    @rule(data=st.data())
+    def give_back(self, data: st.DataObject) -> None:
+        holders = [w for w in self.done if w.gets and w.gets.status != "closed"]
+        waiter = data.draw(st.sampled_from(holders))
+        conn = waiter.gets
+        assert conn is not None
+        waiter.gets = None
+        self.client.return_connection(conn.sock)
+        if conn.status == "retired":
+            conn.status = "closed"
+        else:
+            conn.status = "idle"
+            self.hand_to_next_waiter(conn)
+        settle()
+
+    @precondition(
+        lambda self: self.queue and [w for w in self.done if w.gets and w.gets.status == "leased"]
+    )
+    @rule(data=st.data())
+    def give_back_as_first_waiter_dies(self, data: st.DataObject) -> None:
+        holders = [w for w in self.done if w.gets and w.gets.status == "leased"]
+        waiter = data.draw(st.sampled_from(holders))
+        conn = waiter.gets
+        assert conn is not None
+        waiter.gets = None
+        first = self.queue.pop(0)
+        first.killed = True
+        # The kill is queued first, so it lands after the connection was
+        # handed to this waiter and before it could take it.
+        first.greenlet.kill(block=False)
+        self.client.return_connection(conn.sock)
+        conn.status = "idle"
+        self.hand_to_next_waiter(conn)
+        settle()
+        assert first.greenlet.dead
+
+    @invariant()
+    def counts_agree(self) -> None:
+        if not hasattr(self, "client"):
+            return
+        stats = self.client.stats()
+        assert stats["waiting"] == len(self.queue)
+        assert stats["slots"] == len(self.with_status("idle", "leased")) <= self.max_slots
+        assert stats["idle"] == len(self.with_status("idle"))
+        assert stats["leased"] == len(self.with_status("leased", "retired"))
+
+    @invariant()
+    def each_waiter_holds_what_the_model_gave_it(self) -> None:
+        for waiter in self.done:
+            if waiter.gets is not None:
+                assert waiter.greenlet.ready()
+                assert waiter.greenlet.value is waiter.gets.sock
+        for waiter in self.queue:
+            assert not waiter.greenlet.ready()
+
+    @invariant()
+    def nothing_lost_nothing_left_open(self) -> None:
+        for conn in self.conns:
+            assert is_closed(conn.sock) == (conn.status == "closed")
+
+    def teardown(self) -> None:
+        try:
+            if hasattr(self, "client"):
+                self.client.close()
+                settle()
+                for waiter in self.queue:
+                    assert waiter.greenlet.ready()  # woken with PoolClosed
+                for conn in self.with_status("leased", "retired"):
+                    self.client.return_connection(conn.sock)
+                assert all(is_closed(c.sock) for c in self.conns)
+        finally:
+            self.peers.stop()
+
+
+WaitersModel.TestCase.settings = settings(
+    max_examples=40,
+    stateful_step_count=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestWaitersModel = pytest.mark.timeout(120)(WaitersModel.TestCase)
