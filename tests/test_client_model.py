@@ -7,11 +7,11 @@ is pooled, lent or closed, exactly as the model says: none lost, none left open.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import gevent
 import pytest
+from _model import CLOSED, IDLE, LEASED, RETIRED, Conn, PoolModel
 from _peers import PeerServer, is_closed, wait_until
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -25,36 +25,23 @@ from hypothesis.stateful import (
 
 from callosum_gevent import CallosumClient, PoolClosed, PoolTimeout
 
-IDLE, LEASED, RETIRED, CLOSED = "idle", "leased", "retired", "closed"
-
-
-@dataclass
-class Conn:
-    slot: int
-    seq: int
-    sock: Any
-    peer: Any
-    status: str
-    peer_gone: bool = False
-
 
 class ClientModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.peers = PeerServer()
-        self.conns: list[Conn] = []
+        self.model = PoolModel(max_slots=1)
         self.closed = False
-        self.seq = 0
 
     @initialize(max_slots=st.integers(1, 4))
     def start(self, max_slots: int) -> None:
-        self.max_slots = max_slots
+        self.model = PoolModel(max_slots)
         self.client = CallosumClient(max_slots=max_slots)
 
     # -- helpers -------------------------------------------------------------
 
     def with_status(self, *statuses: str) -> list[Conn]:
-        return [c for c in self.conns if c.status in statuses]
+        return self.model.with_status(*statuses)
 
     def pick(self, data: st.DataObject, *statuses: str) -> Conn:
         return data.draw(st.sampled_from(self.with_status(*statuses)))
@@ -63,35 +50,19 @@ class ClientModel(RuleBasedStateMachine):
 
     @rule(slot=st.integers(0, 6))
     def offer(self, slot: int) -> None:
-        sock, peer = self.peers.connect()
-        self.seq += 1
-        conn = Conn(slot, self.seq, sock, peer, CLOSED)
-        self.conns.append(conn)
-        holders = self.with_status(IDLE, LEASED)
-        if self.closed:
-            expected = False
-        elif len(holders) < self.max_slots:
-            expected = True
-        else:
-            worst = max(holders, key=lambda c: (c.slot, c.seq))
-            expected = slot < worst.slot
-            if expected:
-                worst.status = CLOSED if worst.status == IDLE else RETIRED
-        assert self.client.new_connection(slot, sock) is expected
-        if expected:
-            conn.status = IDLE
+        conn, kept = self.model.offer(self.peers, slot, closed=self.closed)
+        assert self.client.new_connection(slot, conn.sock) is kept
 
     @rule()
     def lend(self) -> None:
-        idle = self.with_status(IDLE)
+        lowest = self.model.lowest_idle()
         if self.closed:
             with pytest.raises(PoolClosed):
                 self.client.get_connection(timeout=0)
-        elif not idle:
+        elif lowest is None:
             with pytest.raises(PoolTimeout):
                 self.client.get_connection(timeout=0)
         else:
-            lowest = min(idle, key=lambda c: (c.slot, c.seq))
             assert self.client.get_connection(timeout=0) is lowest.sock
             lowest.status = LEASED
 
@@ -110,7 +81,7 @@ class ClientModel(RuleBasedStateMachine):
         self.client.discard_connection(conn.sock)
         conn.status = CLOSED
 
-    @precondition(lambda self: [c for c in self.with_status(IDLE, LEASED) if not c.peer_gone])
+    @precondition(lambda self: any(not c.peer_gone for c in self.with_status(IDLE, LEASED)))
     @rule(data=st.data())
     def remote_close(self, data: st.DataObject) -> None:
         conn = data.draw(
@@ -158,13 +129,13 @@ class ClientModel(RuleBasedStateMachine):
         if not hasattr(self, "client"):
             return
         holders = len(self.with_status(IDLE, LEASED))
-        assert self.client.slot_count == holders <= self.max_slots
+        assert self.client.slot_count == holders <= self.model.max_slots
         assert self.client.idle_count == len(self.with_status(IDLE))
         assert self.client.leased_count == len(self.with_status(LEASED, RETIRED))
 
     @invariant()
     def nothing_lost_nothing_left_open(self) -> None:
-        for conn in self.conns:
+        for conn in self.model.conns:
             assert is_closed(conn.sock) == (conn.status == CLOSED), conn
 
     def teardown(self) -> None:
@@ -174,7 +145,7 @@ class ClientModel(RuleBasedStateMachine):
                 for conn in self.with_status(LEASED, RETIRED):
                     self.client.return_connection(conn.sock)
                     conn.status = CLOSED
-                assert all(is_closed(c.sock) for c in self.conns)
+                assert all(is_closed(c.sock) for c in self.model.conns)
                 assert self.client.slot_count == self.client.leased_count == 0
         finally:
             self.peers.stop()

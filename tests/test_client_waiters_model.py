@@ -12,20 +12,13 @@ from typing import Any
 
 import gevent
 import pytest
+from _model import CLOSED, IDLE, LEASED, RETIRED, Conn, PoolModel
 from _peers import PeerServer, is_closed
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from callosum_gevent import CallosumClient
-
-
-@dataclass
-class Conn:
-    slot: int
-    seq: int
-    sock: Any
-    status: str = "idle"  # idle, leased, retired, closed
 
 
 @dataclass
@@ -46,56 +39,41 @@ class WaitersModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.peers = PeerServer()
-        self.conns: list[Conn] = []
+        self.model = PoolModel(max_slots=1)
         self.queue: list[Waiter] = []  # still waiting, oldest first
         self.done: list[Waiter] = []
-        self.seq = 0
 
     @initialize(max_slots=st.integers(1, 3))
     def start(self, max_slots: int) -> None:
-        self.max_slots = max_slots
+        self.model = PoolModel(max_slots)
         self.client = CallosumClient(max_slots=max_slots)
 
     def with_status(self, *statuses: str) -> list[Conn]:
-        return [c for c in self.conns if c.status in statuses]
+        return self.model.with_status(*statuses)
 
-    def hand_to_next_waiter(self, conn: Conn) -> bool:
-        if not self.queue:
-            return False
-        waiter = self.queue.pop(0)
+    def serve(self, waiter: Waiter, conn: Conn) -> None:
         waiter.gets = conn
-        conn.status = "leased"
+        conn.status = LEASED
         self.done.append(waiter)
-        return True
+
+    def hand_to_next_waiter(self, conn: Conn) -> None:
+        if self.queue:
+            self.serve(self.queue.pop(0), conn)
 
     @rule(slot=st.integers(0, 4))
     def offer(self, slot: int) -> None:
-        sock, _ = self.peers.connect()
-        self.seq += 1
-        conn = Conn(slot, self.seq, sock, "closed")
-        self.conns.append(conn)
-        holders = self.with_status("idle", "leased")
-        kept = len(holders) < self.max_slots
-        if not kept:
-            worst = max(holders, key=lambda c: (c.slot, c.seq))
-            kept = slot < worst.slot
-            if kept:
-                worst.status = "closed" if worst.status == "idle" else "retired"
-        assert self.client.new_connection(slot, sock) is kept
+        conn, kept = self.model.offer(self.peers, slot)
+        assert self.client.new_connection(slot, conn.sock) is kept
         if kept:
-            conn.status = "idle"
             self.hand_to_next_waiter(conn)
         settle()
 
     @rule()
     def wait(self) -> None:
         waiter = Waiter(gevent.spawn(self.client.get_connection, timeout=30))
-        idle = self.with_status("idle")
-        if idle:  # nobody queues while a connection is idle
-            lowest = min(idle, key=lambda c: (c.slot, c.seq))
-            lowest.status = "leased"
-            waiter.gets = lowest
-            self.done.append(waiter)
+        lowest = self.model.lowest_idle()
+        if lowest is not None:  # nobody queues while a connection is idle
+            self.serve(waiter, lowest)
         else:
             self.queue.append(waiter)
         settle()
@@ -108,28 +86,28 @@ class WaitersModel(RuleBasedStateMachine):
         waiter.killed = True
         waiter.greenlet.kill(block=True)
 
-    @precondition(lambda self: [w for w in self.done if w.gets and w.gets.status != "closed"])
+    @precondition(lambda self: any(w.gets and w.gets.status != CLOSED for w in self.done))
     @rule(data=st.data())
     def give_back(self, data: st.DataObject) -> None:
-        holders = [w for w in self.done if w.gets and w.gets.status != "closed"]
+        holders = [w for w in self.done if w.gets and w.gets.status != CLOSED]
         waiter = data.draw(st.sampled_from(holders))
         conn = waiter.gets
         assert conn is not None
         waiter.gets = None
         self.client.return_connection(conn.sock)
-        if conn.status == "retired":
-            conn.status = "closed"
+        if conn.status == RETIRED:
+            conn.status = CLOSED
         else:
-            conn.status = "idle"
+            conn.status = IDLE
             self.hand_to_next_waiter(conn)
         settle()
 
     @precondition(
-        lambda self: self.queue and [w for w in self.done if w.gets and w.gets.status == "leased"]
+        lambda self: bool(self.queue) and any(w.gets and w.gets.status == LEASED for w in self.done)
     )
     @rule(data=st.data())
     def give_back_as_first_waiter_dies(self, data: st.DataObject) -> None:
-        holders = [w for w in self.done if w.gets and w.gets.status == "leased"]
+        holders = [w for w in self.done if w.gets and w.gets.status == LEASED]
         waiter = data.draw(st.sampled_from(holders))
         conn = waiter.gets
         assert conn is not None
@@ -140,7 +118,7 @@ class WaitersModel(RuleBasedStateMachine):
         # handed to this waiter and before it could take it.
         first.greenlet.kill(block=False)
         self.client.return_connection(conn.sock)
-        conn.status = "idle"
+        conn.status = IDLE
         self.hand_to_next_waiter(conn)
         settle()
         assert first.greenlet.dead
@@ -151,9 +129,9 @@ class WaitersModel(RuleBasedStateMachine):
             return
         stats = self.client.stats()
         assert stats["waiting"] == len(self.queue)
-        assert stats["slots"] == len(self.with_status("idle", "leased")) <= self.max_slots
-        assert stats["idle"] == len(self.with_status("idle"))
-        assert stats["leased"] == len(self.with_status("leased", "retired"))
+        assert stats["slots"] == len(self.with_status(IDLE, LEASED)) <= self.model.max_slots
+        assert stats["idle"] == len(self.with_status(IDLE))
+        assert stats["leased"] == len(self.with_status(LEASED, RETIRED))
 
     @invariant()
     def each_waiter_holds_what_the_model_gave_it(self) -> None:
@@ -166,8 +144,8 @@ class WaitersModel(RuleBasedStateMachine):
 
     @invariant()
     def nothing_lost_nothing_left_open(self) -> None:
-        for conn in self.conns:
-            assert is_closed(conn.sock) == (conn.status == "closed")
+        for conn in self.model.conns:
+            assert is_closed(conn.sock) == (conn.status == CLOSED)
 
     def teardown(self) -> None:
         try:
@@ -176,9 +154,9 @@ class WaitersModel(RuleBasedStateMachine):
                 settle()
                 for waiter in self.queue:
                     assert waiter.greenlet.ready()  # woken with PoolClosed
-                for conn in self.with_status("leased", "retired"):
+                for conn in self.with_status(LEASED, RETIRED):
                     self.client.return_connection(conn.sock)
-                assert all(is_closed(c.sock) for c in self.conns)
+                assert all(is_closed(c.sock) for c in self.model.conns)
         finally:
             self.peers.stop()
 
