@@ -13,10 +13,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 SMOOTH = 4  # samples per plotted rate point
+MARKS = {
+    "m0": ":",
+    "m1": ":",
+    "slow": "--",
+    "stall": "--",
+    "unstall": "-.",
+    "kill": "--",
+    "add": "-.",
+}
 
 
 def _marks(ax: Any, marks: dict[str, float]) -> None:
-    for key, style in (("m0", ":"), ("m1", ":"), ("kill", "--"), ("add", "-.")):
+    for key, style in MARKS.items():
         if key in marks:
             ax.axvline(marks[key], color="grey", linestyle=style, linewidth=0.8)
 
@@ -34,7 +43,7 @@ def _per_server(
 def _grid(runs: dict[str, Any], key: str, ylabel: str, smooth: int, path: Path) -> Path:
     cols = 2
     rows = math.ceil(len(runs) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(11, 2.6 * rows), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(11, 2.6 * rows), squeeze=False)
     for ax, (name, run) in zip(axes.flat, runs.items(), strict=False):
         _per_server(ax, run["t"], run[key], smooth)
         _marks(ax, run["marks"])
@@ -43,25 +52,50 @@ def _grid(runs: dict[str, Any], key: str, ylabel: str, smooth: int, path: Path) 
     for ax in axes.flat[len(runs) :]:
         ax.set_visible(False)
     axes.flat[0].legend(fontsize=7, ncol=5)
-    fig.supxlabel("seconds (dotted: measured window, dashed: kill s0, dash-dot: add s4)")
+    fig.supxlabel(
+        "seconds (dotted: steady window; slowdown: dashed at the change; "
+        "churn: dashed at the kill of s0, dash-dot at the add of s4)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 
 
-def _cdf(cdfs: dict[float, dict[str, list[float]]], path: Path) -> Path:
-    fig, axes = plt.subplots(1, len(cdfs), figsize=(5 * len(cdfs), 4), squeeze=False)
-    for ax, (load, per_balancer) in zip(axes.flat, cdfs.items(), strict=True):
+def _cdf(cdfs: dict[str, dict[str, list[float]]], path: Path) -> Path:
+    cols = min(3, len(cdfs))
+    rows = math.ceil(len(cdfs) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False)
+    for ax, (title, per_balancer) in zip(axes.flat, cdfs.items(), strict=False):
         for name, values in per_balancer.items():
             finite = [v * 1000 for v in values if math.isfinite(v)]
             n = max(1, len(values))
             ax.plot(finite, [(k + 1) / n for k in range(len(finite))], label=name)
         ax.set_xscale("log")
-        ax.set_title(f"latency CDF at {load:.0%} load (failures never reach 1)", fontsize=9)
+        ax.set_title(f"latency CDF: {title} (failures never reach 1)", fontsize=9)
         ax.set_xlabel("ms from scheduled arrival")
         ax.grid(True, alpha=0.3)
-    axes.flat[0].legend(fontsize=7)
+        ax.legend(fontsize=6)
+    for ax in axes.flat[len(cdfs) :]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _rolling(slowdown: dict[str, Any], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for name, row in slowdown.items():
+        length, step = row["roll_s"]
+        values = row["rolling_p99_ms"]
+        ax.plot([k * step + length for k in range(len(values))], values, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("seconds after a fast server turned 3x slower (end of each rolling window)")
+    ax.set_ylabel("p99 ms in the window")
+    ax.set_title("slowdown at 70% load: rolling p99", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -69,14 +103,19 @@ def _cdf(cdfs: dict[float, dict[str, list[float]]], path: Path) -> Path:
 
 
 def draw(
-    directory: Path, cdfs: dict[float, dict[str, list[float]]], runs: dict[str, Any]
+    directory: Path, cdfs: dict[str, dict[str, list[float]]], results: dict[str, Any]
 ) -> list[Path]:
     """Draw the charts into ``directory`` and return their paths."""
     directory.mkdir(parents=True, exist_ok=True)
-    paths = [_cdf(cdfs, directory / "balance-cdf.png")]
+    paths = []
+    if cdfs:
+        paths.append(_cdf(cdfs, directory / "balance-cdf.png"))
+    if results["slowdown"]:
+        paths.append(_rolling(results["slowdown"], directory / "balance-slowdown.png"))
+    runs = results["series"]
     if runs:
         paths.append(_grid(runs, "rate", "req/s", SMOOTH, directory / "balance-load.png"))
-        callosum = {k: v for k, v in runs.items() if k.startswith("callosum")}
+        callosum = {k: v for k, v in runs.items() if "callosum" in k}
         if callosum:
             paths.append(
                 _grid(callosum, "conns", "connections", 1, directory / "balance-conns.png")
