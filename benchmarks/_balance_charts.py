@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-SMOOTH = 4  # samples per plotted rate point
+SMOOTH = 4  # samples per plotted rate point, at least
 MARKS = {
     "m0": ":",
     "m1": ":",
@@ -45,7 +45,8 @@ def _grid(runs: dict[str, Any], key: str, ylabel: str, smooth: int, path: Path) 
     rows = math.ceil(len(runs) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(11, 2.6 * rows), squeeze=False)
     for ax, (name, run) in zip(axes.flat, runs.items(), strict=False):
-        _per_server(ax, run["t"], run[key], smooth)
+        # About 150 points a line, however long the run.
+        _per_server(ax, run["t"], run[key], max(smooth, len(run[key]) // 150))
         _marks(ax, run["marks"])
         ax.set_title(name, fontsize=9)
         ax.set_ylabel(ylabel, fontsize=8)

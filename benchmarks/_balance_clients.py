@@ -188,6 +188,7 @@ class Variant:
 
     weights: str  # "one", "capacity" (the operator's) or "auto" (the servers' own)
     client: dict[str, Any] = field(default_factory=dict)
+    settle: float = 0.0  # seconds of extra warm-up in a full run, to reach its steady state
 
 
 def client_parameters() -> dict[str, inspect.Parameter]:

@@ -75,14 +75,16 @@ SETTLE_RATIO = 1.2  # settled: p99 within this factor of the oracle's in the sam
 #: Connection age for Callosum with weight="auto" servers: scaled to these
 #: runs' seconds, as the roving interval is, so the servers' weights reach
 #: the connections within a run.
-AUTO_MAX_AGE = 2.0
+AUTO_MAX_AGE = 1.5
 #: The balancers whose steady p99 the targets name run this many times per load.
 REPEATED = ("callosum", "callosum-auto", "oracle-jsq")
 ORACLE = "oracle-jsq"
 
 VARIANTS = {
     "callosum": Variant("one"),
-    "callosum-auto": Variant("auto", {"max_age": AUTO_MAX_AGE}),
+    # The servers' weights need requests to be trusted, then connections
+    # must age out to carry them: warm up for that before measuring.
+    "callosum-auto": Variant("auto", {"max_age": AUTO_MAX_AGE}, settle=2 * AUTO_MAX_AGE),
     "callosum-slot": Variant("one", {"rank": "slot"}),
     "callosum-weighted": Variant("capacity"),
 }
@@ -144,6 +146,7 @@ class Plan:
 @dataclass(frozen=True)
 class Mode:
     warm: float  # seconds of load before the steady window
+    settle: bool  # add each Callosum variant's own extra warm-up
     measure: float  # seconds of the steady window
     steady: tuple[tuple[float, tuple[str, ...]], ...]  # loads and who runs steady-only there
     repeats: int  # runs per load of the REPEATED balancers (slowdown runs count at 70%)
@@ -173,6 +176,7 @@ SLOWDOWN_SET = (
 )
 FULL = Mode(
     warm=1.0,
+    settle=True,
     measure=3.0,
     steady=(
         (0.5, BALANCERS),
@@ -183,12 +187,12 @@ FULL = Mode(
     ),
     repeats=2,
     slowdown=SLOWDOWN_SET,
-    windows=(10.0, 30.0, 36.0),
+    windows=(10.0, 30.0, 35.0),
     roll=(5.0, 1.0),
     stall=("callosum", PEAK_EWMA, ORACLE),
     stall_s=30.0,
-    stall_after=2.0,
-    equal=("callosum", "callosum-slot", "callosum-auto", PEAK_EWMA, ORACLE),
+    stall_after=1.0,
+    equal=("callosum", "callosum-slot", "callosum-auto", ORACLE),
     equal_repeats=2,
     sinkhole=("callosum", "callosum-slot", PEAK_EWMA),
     idle_s=10.0,
@@ -201,6 +205,7 @@ FULL = Mode(
 # for the figures to mean much.
 QUICK = Mode(
     warm=0.3,
+    settle=False,
     measure=0.6,
     steady=((TARGET_LOAD, ("callosum-auto", "callosum-slot", "least-conn", PEAK_EWMA)),),
     repeats=1,
@@ -388,14 +393,15 @@ def run_one(
         marks = {"start": time.perf_counter()}
         cpu0 = time.process_time()
         measure = mode.measure if plan.measure else 0.0
-        until = marks["start"] + mode.warm + measure + plan.post
+        warm = mode.warm + (variant.settle if variant and mode.settle else 0.0)
+        until = marks["start"] + warm + measure + plan.post
         rate = plan.load * fleet.capacity / N_CLIENTS
         gens = [  # seeded, so every balancer gets the same arrivals
             gevent.spawn(generate, b, random.Random(i), rate, until, records, group)
             for i, b in enumerate(balancers)
         ]
         sampler = gevent.spawn(sample, backends.stats, used, balancers, samples)
-        gevent.sleep(mode.warm)
+        gevent.sleep(warm)
         marks["m0"] = time.perf_counter()
         gevent.sleep(measure)
         marks["m1"] = time.perf_counter()
@@ -1043,17 +1049,22 @@ class Runner:
 
 def estimate_seconds(mode: Mode) -> float:
     """Roughly how long ``mode`` takes, at half a second of set-up per run."""
-    steady = mode.warm + mode.measure + 0.5
-    runs = sum(len(names) for _, names in mode.steady) + len(mode.equal) * mode.equal_repeats
-    runs += (mode.repeats - 1) * len(REPEATED) * len(mode.steady)
-    return (
-        runs * steady
-        + len(mode.slowdown) * (steady + mode.windows[-1])
-        + len(mode.stall) * (steady - mode.measure + mode.stall_s + mode.stall_after)
-        + len(mode.sinkhole) * steady
-        + mode.idle_s
-        + len(mode.churn) * (steady - mode.measure + mode.pre + mode.gap + mode.after)
-    )
+    loads = dict(mode.steady)
+    loads.setdefault(TARGET_LOAD, ())
+    runs: list[tuple[str, float]] = []  # (balancer, seconds of load)
+    steady = mode.warm + mode.measure
+    runs += [(name, steady + mode.windows[-1]) for name in mode.slowdown]
+    for load, names in loads.items():
+        runs += [(name, steady) for name in names]
+        present = set(names) | (set(mode.slowdown) if load == TARGET_LOAD else set())
+        runs += [(n, steady) for n in REPEATED if n in present] * (mode.repeats - 1)
+    runs += [(name, mode.warm + mode.stall_s + mode.stall_after) for name in mode.stall]
+    runs += [(name, steady) for name in mode.equal]
+    runs += [("callosum", steady), ("callosum-slot", steady)] * (mode.equal_repeats - 1)
+    runs += [(name, steady) for name in mode.sinkhole]
+    runs += [(name, mode.warm + mode.pre + mode.gap + mode.after) for name in mode.churn]
+    extra = {name: v.settle if mode.settle else 0.0 for name, v in VARIANTS.items()}
+    return sum(0.5 + seconds + extra.get(name, 0.0) for name, seconds in runs) + mode.idle_s
 
 
 def run(quick: bool) -> dict[str, Any]:
