@@ -29,6 +29,7 @@ _DEMO_OPTIONS: list[tuple[str, type, str]] = [
     ("max_slots", int, "connections per client"),
     ("users", int, "greenlets sending requests"),
     ("seed", int, "seed for service and think times"),
+    ("turns_slow", float, "how many times slower a fast server turns part way"),
 ]
 
 
@@ -47,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
         help="compare Callosum with a random-choice pool on local servers",
         description="Run the same workload through Callosum and through a random-choice "
         "pool, each against fresh local servers (one slower), killing one server part "
-        "way and adding one later; print a table per server.",
+        "way, adding one later and then slowing a fast one down; print a table per server "
+        "with where the requests went before and after the slowdown.",
     )
     for name, kind, text in _DEMO_OPTIONS:
         demo.add_argument(

@@ -1,9 +1,10 @@
 """The demo: Callosum against a random-choice pool on the same local servers.
 
 Each run starts its own servers (one slower than the rest), lets hundreds of
-user greenlets send requests through a few clients, kills one server part way
-and adds a fresh one later. The table shows where the requests went and how
-long they took.
+user greenlets send requests through a few clients, kills one server part
+way, adds a fresh one later, and then slows a fast one down. The table shows
+where the requests went, before and after the slowdown, and how long they
+took.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import random
 import socket
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,8 +42,11 @@ FAILURES = (OSError, CallosumError)
 ATTEMPT_TIMEOUT = 10.0
 #: How often each full client is offered a connection; often, as a run lasts seconds.
 ROVE_INTERVAL = 0.1
-KILL_AT = 0.4
-JOIN_AT = 0.65
+#: When the victim is killed, the joiner joins and a fast server turns slow,
+#: as shares of the requests answered.
+KILL_AT = 0.25
+JOIN_AT = 0.45
+SLOW_AT = 0.6
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ class DemoOptions:
     service_time: float = 0.010
     capacity: int = 5
     slowdown: float = 2.0
+    turns_slow: float = 3.0
 
     def __post_init__(self) -> None:
         for name in ("requests", "clients", "max_slots", "users", "capacity"):
@@ -68,8 +74,9 @@ class DemoOptions:
                 raise ValueError(f"{name} must be > 0, not {getattr(self, name)!r}")
         if self.servers < 2:
             raise ValueError(f"servers must be >= 2 (one is killed), not {self.servers!r}")
-        if self.slowdown < 1:
-            raise ValueError(f"slowdown must be >= 1, not {self.slowdown!r}")
+        for name in ("slowdown", "turns_slow"):
+            if not getattr(self, name) >= 1:
+                raise ValueError(f"{name} must be >= 1, not {getattr(self, name)!r}")
 
     @property
     def server_ids(self) -> list[str]:
@@ -87,6 +94,11 @@ class DemoOptions:
     def joiner_id(self) -> str:
         return f"s{self.servers + 1}"
 
+    @property
+    def turner_id(self) -> str:
+        """The server that turns slow part way: a fast one that is neither killed nor slow."""
+        return self.server_ids[1] if self.servers > 2 else self.joiner_id
+
 
 class Fleet:
     """The line-protocol servers of one run, on ephemeral loopback ports."""
@@ -95,11 +107,13 @@ class Fleet:
         self._options = options
         self.services: dict[str, LineService] = {}
         self._servers: dict[str, CallosumServer] = {}
+        self._slowed: dict[str, float] = {}
 
     def start(self, server_id: str) -> Address:
         """Start server *server_id* and return its address."""
         opts = self._options
         slowdown = opts.slowdown if server_id == opts.slow_id else 1.0
+        slowdown *= self._slowed.get(server_id, 1.0)
         service = LineService(
             server_id,
             opts.service_time * slowdown,
@@ -115,6 +129,12 @@ class Fleet:
     def kill(self, server_id: str) -> None:
         """Stop *server_id* at once, dropping its connections mid-request."""
         self._servers[server_id].stop(timeout=0)
+
+    def slow_down(self, server_id: str, factor: float) -> None:
+        """Make every request *server_id* serves from now on *factor* times slower."""
+        self._slowed[server_id] = factor
+        if server_id in self.services:  # else it takes the factor when it starts
+            self.services[server_id].service_time *= factor
 
     def stop(self) -> None:
         """Stop every server of the run."""
@@ -292,6 +312,9 @@ class RunResult:
     """What one run measured; latencies are seconds, by the server that answered."""
 
     latencies: dict[str, list[float]] = field(default_factory=dict)
+    #: Requests answered by each server, by whether they were sent before the slowdown.
+    before: Counter[str] = field(default_factory=Counter)
+    after: Counter[str] = field(default_factory=Counter)
     connections: dict[str, tuple[int, int]] = field(default_factory=dict)
     retried: int = 0
     failed: int = 0
@@ -323,12 +346,20 @@ def run_once(
 def _drive(
     options: DemoOptions, pools: Pools, fleet: Fleet, result: RunResult, progress: Progress
 ) -> None:
+    slowed = False
+
     def join() -> None:
         pools.add_server(options.joiner_id, fleet.start(options.joiner_id))
+
+    def slow_down() -> None:
+        nonlocal slowed
+        fleet.slow_down(options.turner_id, options.turns_slow)
+        slowed = True
 
     milestones: list[tuple[float, Callable[[], None]]] = [
         (KILL_AT * options.requests, lambda: fleet.kill(options.victim_id)),
         (JOIN_AT * options.requests, join),
+        (SLOW_AT * options.requests, slow_down),
     ]
     # Users think between requests so that the offered load matches --duration.
     think = options.users * options.duration / options.requests
@@ -347,6 +378,7 @@ def _drive(
             if issued >= options.requests:
                 return
             client, issued = issued % options.clients, issued + 1
+            phase = result.after if slowed else result.before
             started = time.perf_counter()
             try:
                 server_id = attempt(client, f"request {issued}")
@@ -360,6 +392,7 @@ def _drive(
             if server_id:
                 latency = time.perf_counter() - started
                 result.latencies.setdefault(server_id, []).append(latency)
+                phase[server_id] += 1
             progress.done += 1
             if progress.done == options.requests:
                 finished.set()
@@ -387,6 +420,13 @@ def _all_latencies(result: RunResult) -> list[float]:
     return [x for xs in result.latencies.values() for x in xs]
 
 
+def _share(counts: Counter[str], sid: str | None) -> str:
+    total = sum(counts.values())
+    if sid is None:
+        return f"{1 if total else 0:.0%}"
+    return f"{counts[sid] / total:.0%}" if total else "-"
+
+
 def _columns(result: RunResult, sid: str | None) -> str:
     if sid is None:
         latencies = _all_latencies(result)
@@ -395,36 +435,49 @@ def _columns(result: RunResult, sid: str | None) -> str:
         latencies = result.latencies.get(sid, [])
         held = result.connections.get(sid, (0, 0))
     conns = f"{held[0]}/{held[1]}"
+    shares = f"{_share(result.before, sid):>6} {_share(result.after, sid):>5}"
     if not latencies:
-        return f"{conns:>9} {0:>6} {'-':>7} {'-':>7}"
+        return f"{conns:>9} {0:>6} {'-':>7} {'-':>7} {shares}"
     mean = 1000 * sum(latencies) / len(latencies)
     p99 = 1000 * percentile(latencies, 0.99)
-    return f"{conns:>9} {len(latencies):>6} {mean:>7.1f} {p99:>7.1f}"
+    return f"{conns:>9} {len(latencies):>6} {mean:>7.1f} {p99:>7.1f} {shares}"
+
+
+def _notes(options: DemoOptions) -> dict[str, str]:
+    notes: dict[str, list[str]] = {}
+    for sid, note in (
+        (options.victim_id, "killed"),
+        (options.slow_id, f"{options.slowdown:g}x slower"),
+        (options.joiner_id, "joined later"),
+        (options.turner_id, f"{options.turns_slow:g}x slower at {SLOW_AT:.0%}"),
+    ):
+        notes.setdefault(sid, []).append(note)
+    return {sid: ", ".join(texts) for sid, texts in notes.items()}
 
 
 def format_table(options: DemoOptions, callosum: RunResult, baseline: RunResult) -> str:
     """Lay the two runs out side by side, one row per server, and sum them up."""
-    head = f"{'held/peak':>9} {'served':>6} {'mean ms':>7} {'p99 ms':>7}"
+    head = f"{'held/peak':>9} {'served':>6} {'mean ms':>7} {'p99 ms':>7} {'before':>6} {'after':>5}"
     width = len(head)
-    rule = "-" * (6 + 1 + 12 + 3 + width + 3 + width)
+    notes = _notes(options)
+    label = 6 + 1 + max(map(len, notes.values()))
+    rule = "-" * (label + 3 + width + 3 + width)
     lines = [
-        f"{'':<19} | {'Callosum':^{width}} | {'random choice':^{width}}",
-        f"{'server':<6} {'':<12} | {head} | {head}",
+        f"{'':<{label}} | {'Callosum':^{width}} | {'random choice':^{width}}",
+        f"{'server':<{label}} | {head} | {head}",
         rule,
     ]
-    notes = {
-        options.slow_id: f"{options.slowdown:g}x slower",
-        options.victim_id: "killed",
-        options.joiner_id: "joined later",
-    }
     for sid in [*options.server_ids, options.joiner_id]:
         lines.append(
-            f"{sid:<6} {notes.get(sid, ''):<12} | "
+            f"{sid:<6} {notes.get(sid, ''):<{label - 7}} | "
             f"{_columns(callosum, sid)} | {_columns(baseline, sid)}"
         )
     lines.append(rule)
-    lines.append(f"{'all':<19} | {_columns(callosum, None)} | {_columns(baseline, None)}")
+    lines.append(f"{'all':<{label}} | {_columns(callosum, None)} | {_columns(baseline, None)}")
     lines.append("held/peak: connections open at the end / at most (rover probes count)")
+    lines.append(
+        f"before/after: share of the requests sent before / after {options.turner_id} turned slow"
+    )
     for name, result in (("Callosum", callosum), ("random choice", baseline)):
         lines.append(
             f"{name}: {result.retried} retried, {result.failed} failed after a retry, "
@@ -438,6 +491,13 @@ def format_table(options: DemoOptions, callosum: RunResult, baseline: RunResult)
     lines.append(
         f"Callosum vs random choice: p99 {tails[0]:.1f} vs {tails[1]:.1f} ms; the slow server "
         f"{options.slow_id} served {shares[0]:.0%} vs {shares[1]:.0%} of requests"
+    )
+    turner = options.turner_id
+    lines.append(
+        f"After {turner} turned {options.turns_slow:g}x slower it got "
+        f"{_share(callosum.after, turner)} of Callosum's requests "
+        f"({_share(callosum.before, turner)} before) and {_share(baseline.after, turner)} "
+        f"of random choice's ({_share(baseline.before, turner)} before)"
     )
     return "\n".join(line.rstrip() for line in lines)
 
@@ -456,7 +516,8 @@ def run_demo(options: DemoOptions, out: TextIO | None = None, err: TextIO | None
         f"per server);\n{options.users} users send "
         f"{options.requests} requests per pool in ~{options.duration:g} s; "
         f"{options.victim_id} is killed after {KILL_AT:.0%}, {options.joiner_id} joins "
-        f"after {JOIN_AT:.0%}.\n"
+        f"after {JOIN_AT:.0%}, {options.turner_id} turns {options.turns_slow:g}x slower "
+        f"after {SLOW_AT:.0%}.\n"
     )
     out.flush()
     results = [
