@@ -201,28 +201,28 @@ FULL = Mode(
     gap=1.0,
     after=2.5,
 )
-# The smoke run: every scenario and code path once, seconds each; too short
-# for the figures to mean much.
+# The smoke run: every scenario once, a second or two each, with the
+# balancers that exercise distinct code; too short for the figures to mean much.
 QUICK = Mode(
-    warm=0.3,
+    warm=0.25,
     settle=False,
-    measure=0.6,
-    steady=((TARGET_LOAD, ("callosum-auto", "callosum-slot", "least-conn", PEAK_EWMA)),),
+    measure=0.5,
+    steady=((TARGET_LOAD, ("callosum-auto", "callosum-slot", PEAK_EWMA)),),
     repeats=1,
     slowdown=("callosum", ORACLE),
     windows=(0.3, 0.6, 1.0),
     roll=(0.4, 0.2),
     stall=("callosum",),
-    stall_s=1.2,
-    stall_after=0.2,
+    stall_s=1.05,
+    stall_after=0.1,
     equal=("callosum", "callosum-slot"),
     equal_repeats=1,
     sinkhole=("callosum",),
-    idle_s=1.0,
+    idle_s=0.5,
     churn=("callosum",),
-    pre=0.2,
-    gap=0.3,
-    after=0.5,
+    pre=0.15,
+    gap=0.25,
+    after=0.4,
 )
 
 
@@ -681,9 +681,9 @@ def fmt_x(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.2f}x"
 
 
-def print_steady(load: float, rows: dict[str, dict[str, Any]]) -> None:
+def print_steady(load: float, rows: dict[str, dict[str, Any]], note: str = "") -> None:
     print_table(
-        f"load {load:.0%} of capacity ({load * CAPACITY:.0f} req/s), steady window",
+        f"load {load:.0%} of capacity ({load * CAPACITY:.0f} req/s), steady window{note}",
         [
             "balancer",
             "p50 ms",
@@ -1143,7 +1143,13 @@ def analyse(runner: Runner, mode: Mode, quick: bool) -> dict[str, Any]:
         }
         if not rows:
             continue
-        print_steady(load, rows)
+        print_steady(
+            load,
+            rows,
+            f" ({', '.join(slowed)}: the slowdown runs' window before the change)"
+            if load == TARGET_LOAD and slowed
+            else "",
+        )
         results["steady"][key] = rows
         results["p99_repeats"][key] = p99s
         if mode.repeats > 1:
