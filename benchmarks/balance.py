@@ -979,12 +979,17 @@ def evaluate(results: dict[str, Any], skipped: dict[str, str]) -> list[dict[str,
         )
     idle = results["idle_rover"]
     if idle is not None:
+        fill = idle["fill_mean"]
         targets.append(
             target(
                 "sinkhole: an idle client's rover uses < 5% CPU and < 100 connections "
-                "to the sinkhole per 10 s",
-                idle["cpu"] < 0.05 and idle["sinkhole_attempts_per_10s"] < 100,
-                f"{idle['cpu']:.1%} CPU, {idle['sinkhole_attempts_per_10s']:.0f} per 10 s",
+                f"to the sinkhole per 10 s, and the client stays full (mean >= {FULL_ENOUGH:.0%})",
+                idle["cpu"] < 0.05
+                and idle["sinkhole_attempts_per_10s"] < 100
+                and fill is not None
+                and fill >= FULL_ENOUGH,
+                f"{idle['cpu']:.1%} CPU, {idle['sinkhole_attempts_per_10s']:.0f} per 10 s, "
+                f"fill {fmt(fill, 3)} mean",
             )
         )
     for name, c in results["churn"].items():
