@@ -27,6 +27,7 @@ that does not answer in time are left out of that scrape, with a warning.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
@@ -305,8 +306,8 @@ class CallosumCollector:
     ) -> None:
         if isinstance(hub_timeout, bool) or not isinstance(hub_timeout, (int, float)):
             raise TypeError(f"hub_timeout must be a number, not {type(hub_timeout).__name__}")
-        if not hub_timeout > 0:
-            raise ValueError(f"hub_timeout must be > 0, not {hub_timeout!r}")
+        if not (hub_timeout > 0 and math.isfinite(hub_timeout)):
+            raise ValueError(f"hub_timeout must be > 0 and finite, not {hub_timeout!r}")
         if client is None and rover is not None:
             raise ValueError("rover needs the client it feeds")
         self._hub_timeout = float(hub_timeout)

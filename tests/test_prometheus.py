@@ -457,8 +457,9 @@ def test_bad_arguments_are_refused_and_change_nothing(
 
     with pytest.raises(TypeError, match="hub_timeout"):
         CallosumCollector(hub_timeout="1")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="hub_timeout"):
-        CallosumCollector(hub_timeout=0)
+    for bad in (0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="hub_timeout"):
+            CallosumCollector(hub_timeout=bad)
     with pytest.raises(ValueError, match="rover"):
         CallosumCollector(rover=Rover(client))
 
