@@ -104,6 +104,16 @@ _POOL_COUNTERS: tuple[_Row, ...] = (
         "callosum_connections_discarded_total",
         "Connections borrowers discarded as broken.",
     ),
+    (
+        "early_deaths",
+        "callosum_connections_early_deaths_total",
+        "Connections that died within seconds of being kept.",
+    ),
+    (
+        "retired",
+        "callosum_connections_retired_total",
+        "Connections given up on purpose: replaced by a lower slot, or their server retired.",
+    ),
     ("waits", "callosum_borrower_waits_total", "Borrowers that had to wait for a connection."),
     (
         "timeouts",
