@@ -272,9 +272,8 @@ def _read_pool(pool: _Pool) -> _PoolReading:
         pool.name,
         client.stats(),
         client.max_slots,
-        # Until the per-server API lands on main (BALANCE track).
-        getattr(client, "ready", lambda: not client.closed and client.slot_count > 0)(),
-        getattr(client, "server_stats", dict)(),
+        client.ready(),
+        client.server_stats(),
         None if pool.rover is None else pool.rover.stats(),
     )
 

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import DuplicateTimeseries
 
 from callosum_gevent import CallosumClient, CallosumServer, Rover
+from callosum_gevent._slotline import read_slot_line
 from callosum_gevent.prometheus import CallosumCollector
 
 pytestmark = pytest.mark.timeout(30)
@@ -101,6 +102,17 @@ def value(families: dict[str, Metric], sample: str, **labels: str) -> float:
     ]
     assert len(found) == 1, f"{sample}{labels}: {len(found)} samples"
     return found[0]
+
+
+def get(http: gevent.pywsgi.WSGIServer, path: str) -> tuple[bytes, bytes]:
+    """GET ``path`` over HTTP/1.0 from a gevent socket; return the head and body."""
+    with socket.create_connection(http.address[:2], timeout=10) as sock:
+        sock.sendall(b"GET %s HTTP/1.0\r\nHost: ops\r\n\r\n" % path.encode())
+        response = b""
+        while chunk := sock.recv(65536):
+            response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    return head, body
 
 
 def label_sets(families: dict[str, Metric], name: str) -> list[dict[str, str]]:
@@ -279,6 +291,172 @@ def test_the_exposition_is_valid_openmetrics(
     assert families["callosum_listener_accepted"].type == "counter"
 
 
+# -- the pool's view of each server ----------------------------------------------
+
+SERVER_GAUGES = {
+    "callosum_server_connections",
+    "callosum_server_idle_connections",
+    "callosum_server_leased_connections",
+}
+SERVER_COUNTERS = {
+    "callosum_server_leases",
+    "callosum_server_errors",
+    "callosum_server_evictions",
+    "callosum_server_early_deaths",
+    "callosum_server_retired",
+}
+
+
+def connect(client: CallosumClient, server: CallosumServer, server_id: Any) -> Any:
+    """Open a connection to ``server`` by hand and offer it to ``client`` as ``server_id``."""
+    sock = socket.create_connection(server.address[:2], timeout=5)
+    slot = read_slot_line(sock, 5)
+    sock.settimeout(None)
+    assert client.new_connection(slot, sock, server=server_id)
+    return sock
+
+
+def test_per_server_metrics_follow_server_stats(
+    client: CallosumClient, servers: list[CallosumServer]
+) -> None:
+    registry = CollectorRegistry()
+    registry.register(CallosumCollector(client, pool="p"))
+    b1 = {"pool": "p", "server": "b1"}
+    b2 = {"pool": "p", "server": "b2"}
+    for _ in range(2):
+        connect(client, servers[0], "b1")
+    round_trips(client, 7)  # every lease goes to b1: b2 is not there yet
+    for _ in range(2):
+        connect(client, servers[1], "b2")
+    with client.connection(timeout=5):
+        families = scrape(registry)
+        stats = client.server_stats()
+
+    for name in SERVER_GAUGES:
+        assert families[name].type == "gauge", name
+        assert label_sets(families, name) == [b1, b2], name
+    for name in SERVER_COUNTERS:
+        assert families[name].type == "counter", name
+        assert label_sets(families, name) == [b1, b2], name
+    latency = families["callosum_server_lease_latency_seconds"]
+    assert latency.type == "gauge"
+    assert label_sets(families, "callosum_server_lease_latency_seconds") == [b1]  # b2: unmeasured
+
+    assert value(families, "callosum_server_leases_total", **b1) == 7
+    assert value(families, "callosum_server_leases_total", **b2) == 0
+    assert value(families, "callosum_server_connections", **b1) == 2
+    assert value(families, "callosum_server_connections", **b2) == 2
+    leased = [value(families, "callosum_server_leased_connections", **x) for x in (b1, b2)]
+    idle = [value(families, "callosum_server_idle_connections", **x) for x in (b1, b2)]
+    assert sum(leased) == 1 and sum(idle) == 3
+    latency_ms = stats["b1"]["latency_ms"]
+    assert isinstance(latency_ms, float) and latency_ms > 0
+    assert value(families, "callosum_server_lease_latency_seconds", **b1) == pytest.approx(
+        latency_ms / 1000
+    )
+
+    # A discarded connection is an error; a server that goes away evicts the rest.
+    sock = client.get_connection(timeout=5)
+    server_of_sock = "b1" if sock.getpeername()[1] == servers[0].address[1] else "b2"
+    client.discard_connection(sock)
+    servers[1].stop(timeout=0.1)
+    assert wait_until(lambda: client.server_stats()["b2"]["connections"] == 0)
+    families = scrape(registry)
+    stats = client.server_stats()
+    for server_id, labels in (("b1", b1), ("b2", b2)):
+        for key in ("errors", "evictions", "early_deaths", "retired"):
+            sample = f"callosum_server_{key}_total"
+            assert value(families, sample, **labels) == stats[server_id][key + "_total"], sample
+    b1_errors = value(families, "callosum_server_errors_total", **b1)
+    b2_errors = value(families, "callosum_server_errors_total", **b2)
+    assert (b1_errors, b2_errors) == ((1, 0) if server_of_sock == "b1" else (0, 1))
+    b2_gone = 2 - int(server_of_sock == "b2")
+    assert value(families, "callosum_server_evictions_total", **b2) == b2_gone
+    assert value(families, "callosum_server_connections", **b2) == 0
+    assert value(families, "callosum_connections", pool="p") == 4 - 1 - b2_gone
+
+
+def test_retired_servers_are_counted(client: CallosumClient, servers: list[CallosumServer]) -> None:
+    registry = CollectorRegistry()
+    registry.register(CallosumCollector(client, pool="p"))
+    for _ in range(3):
+        connect(client, servers[0], "b1")
+    assert client.retire_server("b1") == 3
+    families = scrape(registry)
+    assert value(families, "callosum_server_retired_total", pool="p", server="b1") == 3
+    assert value(families, "callosum_connections_retired_total", pool="p") == 3
+    assert value(families, "callosum_ready", pool="p") == 0
+
+
+def test_server_ids_that_are_not_strings_are_labelled_by_str(
+    client: CallosumClient, servers: list[CallosumServer]
+) -> None:
+    registry = CollectorRegistry()
+    registry.register(CallosumCollector(client, pool="p"))
+    connect(client, servers[0], 7)
+    connect(client, servers[1], ("backend", 2))
+    connect(client, servers[2], None)  # named by its peer address
+    families = scrape(registry)
+    assert {s.labels["server"] for s in families["callosum_server_connections"].samples} == {
+        "7",
+        "('backend', 2)",
+        address_of(servers[2]),
+    }
+
+
+def test_rover_fed_pool_has_one_server_label_per_server(
+    client: CallosumClient, servers: list[CallosumServer], make_rover: Callable[..., Rover]
+) -> None:
+    rover = make_rover(client, servers, interval=60)
+    registry = CollectorRegistry()
+    registry.register(CallosumCollector(client, pool="rpc", rover=rover))
+    filled(client, rover)
+    round_trips(client, 9)
+    families = scrape(registry)
+    stats = client.server_stats()
+    assert {s.labels["server"] for s in families["callosum_server_connections"].samples} == {
+        str(server_id) for server_id in stats
+    }
+    leases = families["callosum_server_leases"].samples
+    assert sum(s.value for s in leases) == 9
+    assert sum(s.value for s in families["callosum_server_connections"].samples) == value(
+        families, "callosum_connections", pool="rpc"
+    )
+
+
+def test_health_and_metrics_on_one_gevent_pywsgi_server(
+    client: CallosumClient, servers: list[CallosumServer], make_rover: Callable[..., Rover]
+) -> None:
+    rover = make_rover(client, servers, interval=60)
+    # The README's recipe, as written there.
+    registry = CollectorRegistry()
+    registry.register(CallosumCollector(client, pool="rpc", rover=rover))
+    metrics_app = make_wsgi_app(registry)
+
+    def ops_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        if environ["PATH_INFO"] == "/health":
+            ready = client.ready()
+            status = "200 OK" if ready else "503 Service Unavailable"
+            start_response(status, [("Content-Type", "text/plain")])
+            return [b"ready\n" if ready else b"no live backend connection\n"]
+        body: list[bytes] = metrics_app(environ, start_response)
+        return body
+
+    ops = gevent.pywsgi.WSGIServer(("127.0.0.1", 0), ops_app, log=None)
+    ops.start()
+    try:
+        assert get(ops, "/health")[0].startswith(b"HTTP/1.1 503")
+        filled(client, rover)
+        head, body = get(ops, "/health")
+        assert head.startswith(b"HTTP/1.1 200") and body == b"ready\n"
+        head, body = get(ops, "/metrics")
+    finally:
+        ops.stop(timeout=1)
+    assert head.startswith(b"HTTP/1.1 200")
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    assert value(families, "callosum_ready", pool="rpc") == 1
+
+
 # -- a CallosumServer ---------------------------------------------------------
 
 
@@ -406,14 +584,9 @@ def test_served_over_http_by_gevent_pywsgi(
     http = gevent.pywsgi.WSGIServer(("127.0.0.1", 0), make_wsgi_app(registry), log=None)
     http.start()
     try:
-        with socket.create_connection(http.address[:2], timeout=10) as sock:
-            sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: metrics\r\n\r\n")
-            response = b""
-            while chunk := sock.recv(65536):
-                response += chunk
+        head, body = get(http, "/metrics")
     finally:
         http.stop(timeout=1)
-    head, _, body = response.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")
     assert b"Content-Type: text/plain" in head
     families = {f.name: f for f in text_string_to_metric_families(body.decode())}
