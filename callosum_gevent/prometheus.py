@@ -182,6 +182,11 @@ _ROVER_COUNTERS: tuple[_Row, ...] = (
         "callosum_rover_client_errors_total",
         "Offers the pool answered by raising.",
     ),
+    (
+        "early_deaths",
+        "callosum_rover_early_deaths_total",
+        "Connections the rover offered that the pool saw die young (sinkhole detection).",
+    ),
 )
 _ROVER_FAILURES: _Row = (
     "failures",
@@ -190,6 +195,13 @@ _ROVER_FAILURES: _Row = (
 )
 _LISTENER_GAUGES: tuple[_Row, ...] = (
     ("active", "callosum_listener_connections", "Connections holding a slot on this server."),
+    (
+        "in_request",
+        "callosum_listener_requests_in_progress",
+        "Requests marked with server.request() and not finished.",
+    ),
+    ("weight", "callosum_listener_weight", "How many connections share each slot number."),
+    ("draining", "callosum_listener_draining", "1 while the server drains, else 0."),
 )
 _LISTENER_COUNTERS: tuple[_Row, ...] = (
     (
@@ -208,6 +220,16 @@ _LISTENER_COUNTERS: tuple[_Row, ...] = (
         "Connections lost before their slot line went out (TLS handshake or send failed).",
     ),
     ("errors", "callosum_listener_handler_errors_total", "Handlers that raised."),
+    (
+        "requests",
+        "callosum_listener_requests_total",
+        "Requests marked with server.request() that finished.",
+    ),
+    (
+        "drained",
+        "callosum_listener_drained_total",
+        "Connections a drain closed between requests.",
+    ),
 )
 _READY: _Row = ("", "callosum_ready", "1 while the pool is open and holds a live connection.")
 _MAX: _Row = ("", "callosum_max_connections", "The most connections the pool keeps (max_slots).")
@@ -282,7 +304,10 @@ def _read_listener(listener: _Listener) -> _ListenerReading:
     name = listener.name
     if name is None:
         name = _address_name(listener.server.address)
-    return _ListenerReading(name, listener.server.stats())
+    server = listener.server
+    # draining: from the server track's drain(); absent on older servers.
+    extra = {"weight": server.weight, "draining": getattr(server, "draining", None)}
+    return _ListenerReading(name, {**extra, **server.stats()})
 
 
 class CallosumCollector:

@@ -481,6 +481,7 @@ def test_server_counters_are_scraped_by_address_or_name(
         assert value(families, "callosum_listener_refused_total", **labels) == 0
         assert value(families, "callosum_listener_slot_line_failures_total", **labels) == 0
         assert value(families, "callosum_listener_handler_errors_total", **labels) == 0
+        assert value(families, "callosum_listener_weight", **labels) == 1
     assert sum(value(families, "callosum_listener_connections", **x) for x in (first, second)) == 6
     assert "callosum_ready" not in families  # no pool added
 
