@@ -107,12 +107,12 @@ _POOL_COUNTERS: tuple[_Row, ...] = (
     (
         "early_deaths",
         "callosum_connections_early_deaths_total",
-        "Connections that died within seconds of being kept.",
+        "Connections that died (evicted, found dead, discarded) within seconds of being kept.",
     ),
     (
         "retired",
         "callosum_connections_retired_total",
-        "Connections given up on purpose: replaced by a lower slot, or their server retired.",
+        "Connections retired by retire_server(); replacements count as replaced.",
     ),
     ("waits", "callosum_borrower_waits_total", "Borrowers that had to wait for a connection."),
     (
@@ -152,7 +152,11 @@ _SERVER_COUNTERS: tuple[_Row, ...] = (
         "callosum_server_early_deaths_total",
         "Connections to this server that died soon after the pool kept them.",
     ),
-    ("retired_total", "callosum_server_retired_total", "Connections to this server retired."),
+    (
+        "retired_total",
+        "callosum_server_retired_total",
+        "Connections to this server given up on purpose: replaced by a lower slot, or retired.",
+    ),
 )
 _ROVER_GAUGES: tuple[_Row, ...] = (
     ("servers", "callosum_rover_servers", "Servers the rover connects to."),
