@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
+import _socket
 import logging
 import math
-from contextlib import closing
-from typing import Any, Callable
+import socket
+from contextlib import AbstractContextManager, closing
+from time import perf_counter
+from types import TracebackType
+from typing import Any, Callable, Final, Literal
 
+from gevent.event import Event
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
-from ._slots import ServerSlots
+from ._slots import CapacityEstimator, ServerSlots
 
-__all__ = ["CallosumServer", "Handler"]
+__all__ = ["REFERENCE_RATE", "WEIGHT_RANGE", "CallosumServer", "Handler"]
 
 _log = logging.getLogger("callosum_gevent")
 
 #: ``handle(sock, address)``; its return value is ignored.
 Handler = Callable[[Any, Any], object]
+
+#: Requests per busy second that weight 1 stands for under ``weight="auto"``.
+REFERENCE_RATE: Final = 1000.0
+#: The lowest and highest weight ``weight="auto"`` sets.
+WEIGHT_RANGE: Final = (0.001, 1000.0)
+
+_MAX_SLOT: Final = 2**31 - 1  # what clients accept by default
+_MAX_BACKLOG: Final = 2**31 - 1  # listen() takes a C int
 
 
 def _check_count(name: str, value: object, *, allow_none: bool = False) -> None:
@@ -30,9 +43,119 @@ def _check_count(name: str, value: object, *, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be >= 1, got {value}")
 
 
+def _check_seconds(name: str, value: object, *, allow_none: bool = False) -> float | None:
+    """Return ``value`` as a float if it is a finite number of seconds >= 0."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    try:
+        seconds = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} is too large, got {value}") from None
+    if not (seconds >= 0 and math.isfinite(seconds)):
+        raise ValueError(f"{name} must be >= 0 and finite, got {value}")
+    return seconds
+
+
 def _check_handle(handle: object) -> None:
     if not callable(handle):
         raise TypeError(f"handle must be callable, got {type(handle).__name__}")
+
+
+def _check_backlog(backlog: object) -> None:
+    if backlog is None:
+        return
+    if isinstance(backlog, bool) or not isinstance(backlog, int):
+        raise TypeError(f"backlog must be an int or None, got {type(backlog).__name__}")
+    if not 0 <= backlog <= _MAX_BACKLOG:
+        raise ValueError(f"backlog must be between 0 and {_MAX_BACKLOG}, got {backlog}")
+
+
+def weight_for(rate: float, reference: float = REFERENCE_RATE) -> float:
+    """Return the weight for a capacity of ``rate``, clamped to :data:`WEIGHT_RANGE`."""
+    low, high = WEIGHT_RANGE
+    return min(high, max(low, rate / reference))
+
+
+def _shut(sock: Any) -> None:
+    """Shut both directions of ``sock`` at the descriptor, whatever wraps it.
+
+    The peer gets a FIN now, and a greenlet blocked reading ``sock`` wakes to
+    end of file, as if the peer had hung up. Going round the wrapper matters:
+    gevent's ``shutdown`` fails a blocked reader with EBADF instead, and an
+    SSLSocket's drops its TLS state under the reader's feet.
+    """
+    try:
+        fd = sock.fileno()
+    except OSError:
+        return
+    if fd < 0:
+        return
+    raw = _socket.socket(fileno=fd)
+    try:
+        raw.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already reset or shut by the peer: nothing left to do
+    finally:
+        raw.detach()  # the descriptor still belongs to ``sock``
+
+
+class _Connection:
+    """One served connection and its request boundaries (``server.request(sock)``)."""
+
+    __slots__ = ("_server", "busy", "ended", "shut", "sock")
+
+    def __init__(self, server: CallosumServer, sock: Any) -> None:
+        self._server = server
+        self.sock = sock
+        self.busy = False  # inside a request
+        self.shut = False  # closed by a drain
+        self.ended = False  # its handler has returned
+
+    def __enter__(self) -> None:
+        if self.busy:
+            raise RuntimeError("a request is already open on this connection (one at a time)")
+        if self.shut:
+            raise ConnectionAbortedError("the server closed this connection to drain")
+        if self.ended:
+            raise ValueError("this connection's handler has returned")
+        server = self._server
+        self.busy = True
+        server._in_request += 1
+        if not server._boundaries:
+            server._first_boundary()
+        estimator = server._estimator
+        if estimator is not None:
+            estimator.start(perf_counter())
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self.busy:
+            raise RuntimeError("request boundary left without being entered")
+        self.busy = False
+        server = self._server
+        server._in_request -= 1
+        server._requests += 1
+        estimator = server._estimator
+        if estimator is not None:
+            rate = estimator.finish(perf_counter())
+            if rate is not None:
+                server._rated(rate)
+        if server._draining:
+            self.close()
+
+    def close(self) -> None:
+        """Close between requests: FIN to the client, end of file to the handler."""
+        if self.shut or self.ended:
+            return
+        self.shut = True
+        self._server._drained += 1
+        _shut(self.sock)
 
 
 class CallosumServer(StreamServer):  # type: ignore[misc]
@@ -45,22 +168,32 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
     closed afterwards, as with any StreamServer. Pass the handler rather than
     overriding :meth:`handle`, which does the slot work.
 
-    All of StreamServer's lifecycle works unchanged (``start``,
-    ``serve_forever``, ``stop(timeout)``, ``close``, ``address``,
-    ``ssl_context=``, ``spawn=``, ``with``). The default ``spawn`` is an
-    unbounded :class:`gevent.pool.Pool`, so ``stop(timeout)`` kills handlers
-    still running after ``timeout`` and closes their connections, and clients
-    move elsewhere. Unless the process is monkey-patched, ``ssl_context``
-    must be a :class:`gevent.ssl.SSLContext`, or TLS handshakes block the hub.
+    Handlers mark each request with ``with server.request(sock): ...`` (see
+    :meth:`request`). That lets :meth:`drain` close connections between
+    requests, and ``weight="auto"`` measure the server's capacity.
+
+    All of StreamServer's lifecycle works (``start``, ``serve_forever``,
+    ``stop(timeout)``, ``close``, ``address``, ``ssl_context=``, ``spawn=``,
+    ``with``); ``stop(timeout)`` drains first, then kills handlers still
+    running. The default ``spawn`` is an unbounded :class:`gevent.pool.Pool`.
+    Unless the process is monkey-patched, ``ssl_context`` must be a
+    :class:`gevent.ssl.SSLContext`, or TLS handshakes block the hub.
 
     :param slots: a :class:`ServerSlots` to share or inspect; a fresh one if
-        None. With ``weight`` > 1 it counts weight-fold positions, not slots.
+        None. With a weight other than 1 it counts positions, not slots.
     :param weight: number each slot ``weight`` times (weight 2 gives 0, 0, 1,
         1, 2, ...), so the server draws ``weight`` times the connections of a
         weight-1 server. The cost: slot numbers no longer say exactly how many
         connections the server holds, clients with a small ``max_slots`` see
         coarser steps, and a client cannot tell two connections with the same
-        slot apart when choosing which to keep.
+        slot apart when choosing which to keep. ``"auto"`` measures the
+        server's capacity from its request boundaries and sets the weight to
+        capacity / ``reference_rate`` (between 0.001 and 1000; connection
+        number ``n`` gets slot ``floor(n / weight)``): weight 1 until the
+        first ``200`` requests are measured, and for good if the handler
+        never marks requests. The weight then follows every 50 requests.
+    :param reference_rate: with ``weight="auto"``, the requests per busy
+        second that weight 1 stands for. Give every server of a fleet the same.
     :param max_connections: connections beyond this many are closed at once,
         without a slot (with TLS, after the handshake). None means no limit.
     :param slot_line_timeout: seconds allowed to send the slot line; a peer
@@ -73,7 +206,8 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
         handle: Handler,
         slots: ServerSlots | None = None,
         *,
-        weight: int = 1,
+        weight: int | Literal["auto"] = 1,
+        reference_rate: float = REFERENCE_RATE,
         max_connections: int | None = None,
         slot_line_timeout: float = 5.0,
         backlog: int | None = None,
@@ -83,23 +217,43 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
         _check_handle(handle)
         if slots is not None and not isinstance(slots, ServerSlots):
             raise TypeError(f"slots must be a ServerSlots, got {type(slots).__name__}")
-        _check_count("weight", weight)
+        initial: int = 1
+        auto = isinstance(weight, str) and weight == "auto"
+        if isinstance(weight, str):
+            if not auto:
+                raise ValueError(f"weight must be an int >= 1 or 'auto', got {weight!r}")
+        else:
+            _check_count("weight", weight)
+            initial = weight
+        reference = _check_seconds("reference_rate", reference_rate)
+        if not reference:
+            raise ValueError(f"reference_rate must be > 0, got {reference_rate}")
         _check_count("max_connections", max_connections, allow_none=True)
-        if isinstance(slot_line_timeout, bool) or not isinstance(slot_line_timeout, (int, float)):
-            raise TypeError(
-                f"slot_line_timeout must be a number, got {type(slot_line_timeout).__name__}"
-            )
-        if not (slot_line_timeout > 0 and math.isfinite(slot_line_timeout)):
+        line_timeout = _check_seconds("slot_line_timeout", slot_line_timeout)
+        if not line_timeout:
             raise ValueError(f"slot_line_timeout must be > 0 and finite, got {slot_line_timeout}")
+        _check_backlog(backlog)
         self._slots = ServerSlots() if slots is None else slots
-        self._weight = weight
+        self._weight: int | float = initial
+        self._reference_rate = reference
+        self._estimator = CapacityEstimator() if auto else None
         self._max_connections = max_connections
-        self._slot_line_timeout = float(slot_line_timeout)
+        self._slot_line_timeout = line_timeout
         self._accepted = 0
         self._refused = 0
         self._active = 0
         self._failed = 0
         self._errors = 0
+        self._requests = 0
+        self._in_request = 0
+        self._drained = 0
+        # Served connections by socket, for request(sock) and drain().
+        self._conns: dict[Any, _Connection] = {}
+        self._boundaries = False  # has any handler marked a request?
+        self._draining = False
+        self._live = 0  # connection greenlets inside handle (or its TLS handshake)
+        self._all_gone = Event()
+        self._all_gone.set()
         if isinstance(spawn, str) and spawn == "default":
             spawn = Pool()
         super().__init__(listener, handle, backlog=backlog, spawn=spawn, **ssl_args)
@@ -110,9 +264,22 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
         return self._slots
 
     @property
-    def weight(self) -> int:
-        """Return how many connections share each slot number."""
+    def weight(self) -> int | float:
+        """Return how many connections share each slot number (a float under "auto")."""
         return self._weight
+
+    @property
+    def rate(self) -> float | None:
+        """Return the measured capacity in requests per busy second, under "auto".
+
+        None with a fixed weight, and until the first estimate is trusted.
+        """
+        return None if self._estimator is None else self._estimator.rate
+
+    @property
+    def reference_rate(self) -> float:
+        """Return the requests per busy second that weight 1 stands for."""
+        return self._reference_rate
 
     @property
     def max_connections(self) -> int | None:
@@ -129,15 +296,111 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
         """Return how many connections hold a slot right now."""
         return self._active
 
+    @property
+    def draining(self) -> bool:
+        """Return whether :meth:`drain` (or :meth:`stop`) has begun."""
+        return self._draining
+
     def stats(self) -> dict[str, int]:
-        """Return counters: accepted, refused, active, failed and errors."""
+        """Return counters and gauges.
+
+        ``accepted``, ``refused``, ``active``, ``failed`` and ``errors`` as
+        before; ``requests`` marked with :meth:`request` and finished,
+        ``in_request`` open now, ``drained`` connections closed between
+        requests by a drain.
+        """
         return {
             "accepted": self._accepted,
             "refused": self._refused,
             "active": self._active,
             "failed": self._failed,
             "errors": self._errors,
+            "requests": self._requests,
+            "in_request": self._in_request,
+            "drained": self._drained,
         }
+
+    # -- request boundaries ------------------------------------------------
+
+    def request(self, sock: Any) -> AbstractContextManager[None]:
+        """Return the context manager that marks one request on ``sock``.
+
+        ``with server.request(sock): ...`` around each request, from the
+        moment the request has arrived until its reply is sent (flushed): the
+        time between requests, waiting for the client, stays outside. One
+        request at a time per connection; ``sock`` is the socket the handler
+        was given. Entering raises :class:`RuntimeError` if a request is
+        already open on the connection, and :class:`ConnectionAbortedError`
+        (an ``OSError``) once a drain has closed the connection, so the
+        handler ends as it would for a client that hung up. Leaving it while
+        draining closes the connection.
+        """
+        try:
+            conn = self._conns.get(sock)
+        except TypeError:  # unhashable: not a socket of ours
+            raise TypeError(f"sock must be a socket, got {type(sock).__name__}") from None
+        if conn is None:
+            raise ValueError("sock is not a connection this server's handler is serving")
+        return conn
+
+    def _first_boundary(self) -> None:
+        # From now on a connection outside request() is between requests.
+        self._boundaries = True
+        if self._draining:
+            self._close_idle()
+
+    def _rated(self, rate: float) -> None:
+        weight = weight_for(rate, self._reference_rate)
+        if weight != self._weight:
+            _log.debug("weight %.4g: %.1f requests per busy second", weight, rate)
+        self._weight = weight
+
+    # -- draining ----------------------------------------------------------
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Close every connection between requests; return True once all are closed.
+
+        Stop accepting at once, let each handler finish the request it is
+        serving, and close each connection when it is between requests (a
+        FIN to the client, end of file to the handler). Return False if
+        ``timeout`` seconds pass first (None waits without limit): the rest
+        keep running, for :meth:`stop` to kill or a later drain to wait for.
+        Connections whose handler never marked a request (see :meth:`request`)
+        are left to end by themselves, as before.
+        """
+        seconds = _check_seconds("timeout", timeout, allow_none=True)
+        if not self._draining:
+            self._draining = True
+            _log.debug(
+                "draining: %d connections, %d in a request", len(self._conns), self._in_request
+            )
+            self.stop_accepting()
+            listener = getattr(self, "socket", None)
+            if listener is not None:
+                listener.close()  # clients still in the accept queue get a reset
+            if self._boundaries:
+                self._close_idle()
+        if self._all_gone.wait(seconds):
+            self.close()  # so that serve_forever returns
+            return True
+        return False
+
+    def _close_idle(self) -> None:
+        for conn in list(self._conns.values()):
+            if not conn.busy:
+                conn.close()
+
+    def start_accepting(self) -> None:
+        # A bounded spawn pool calls this when it has room again: not while draining.
+        if not self._draining:
+            super().start_accepting()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Drain for up to ``timeout`` seconds (default ``stop_timeout``), then kill the rest."""
+        self.drain(self.stop_timeout if timeout is None else timeout)
+        super().stop(timeout=0)
+
+    # -- serving -----------------------------------------------------------
 
     def set_handle(self, handle: Handler) -> None:
         """Replace the handler that new connections are given to."""
@@ -148,24 +411,49 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
         self._handle = self.wrap_socket_and_handle if tls else self.handle
 
     def wrap_socket_and_handle(self, client_socket: Any, address: Any) -> Any:
-        """Do the TLS handshake within ``slot_line_timeout``, then :meth:`handle`.
+        """Do the TLS handshake within ``slot_line_timeout``, then serve.
 
         A failed or silent handshake is counted in ``failed`` and the socket
         closed; nothing escapes the connection's greenlet.
         """
-        client_socket.settimeout(self._slot_line_timeout)
+        self._enter()
         try:
-            ssl_socket = self.wrap_socket(client_socket, **self.ssl_args)
-        except OSError as exc:  # ssl.SSLError and timeouts included
-            self._failed += 1
-            _log.debug("TLS handshake with %s failed: %r", address, exc)
+            client_socket.settimeout(self._slot_line_timeout)
+            try:
+                ssl_socket = self.wrap_socket(client_socket, **self.ssl_args)
+            except OSError as exc:  # ssl.SSLError and timeouts included
+                self._failed += 1
+                _log.debug("TLS handshake with %s failed: %r", address, exc)
+                return None
+            with closing(ssl_socket):
+                ssl_socket.settimeout(None)
+                self._serve(ssl_socket, address)
             return None
-        with closing(ssl_socket):
-            ssl_socket.settimeout(None)
-            return self.handle(ssl_socket, address)
+        finally:
+            self._leave()
 
     def handle(self, sock: Any, address: Any) -> None:
         """Give ``sock`` a slot, send the slot line, run the user's handler."""
+        self._enter()
+        try:
+            self._serve(sock, address)
+        finally:
+            self._leave()
+
+    def _enter(self) -> None:
+        self._live += 1
+        self._all_gone.clear()
+
+    def _leave(self) -> None:
+        self._live -= 1
+        if not self._live:
+            self._all_gone.set()
+
+    def _serve(self, sock: Any, address: Any) -> None:
+        if self._draining:
+            self._refused += 1
+            _log.debug("refusing %s: draining", address)
+            return
         if self._max_connections is not None and self._active >= self._max_connections:
             self._refused += 1
             _log.debug("refusing %s: %d connections already", address, self._active)
@@ -174,9 +462,19 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
         position = self._slots.get()
         self._active += 1
         try:
-            if self._send_slot_line(sock, address, position // self._weight):
-                self._accepted += 1
+            if not self._send_slot_line(sock, address, self._slot_for(position)):
+                return
+            if self._draining:  # began while the slot line was on its way
+                self._refused += 1
+                return
+            self._accepted += 1
+            conn = _Connection(self, sock)
+            self._conns[sock] = conn
+            try:
                 self._user_handle(sock, address)
+            finally:
+                conn.ended = True
+                del self._conns[sock]
         except OSError:
             self._errors += 1
             _log.debug("connection from %s failed in its handler", address, exc_info=True)
@@ -186,6 +484,12 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
         finally:
             self._active -= 1
             self._slots.put(position)
+
+    def _slot_for(self, position: int) -> int:
+        weight = self._weight
+        # Integer weights divide exactly, as before "auto" existed.
+        slot = position // weight if type(weight) is int else int(position / weight)
+        return min(slot, _MAX_SLOT)
 
     def _send_slot_line(self, sock: Any, address: Any, slot: int) -> bool:
         """Send the slot line within ``slot_line_timeout``; say whether it went."""
