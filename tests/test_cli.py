@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import gevent
+import gevent.server
 import pytest
 from _processes import line_server, run_python, stop
 from gevent import socket
@@ -205,19 +206,26 @@ def test_callosum_spares_the_slow_server_and_cuts_the_tail() -> None:
         (["demo", "--servers", "1"], "servers must be >= 2"),
         (["demo", "--requests", "0"], "requests must be >= 1"),
         (["call", "localhost", "hi"], "is not HOST:PORT"),
+        (["call", "127.0.0.1:9", "two\nlines"], "MESSAGE must be one line"),
         (["serve", "--port", "x"], "invalid int value"),
         (["serve", "--port", "0", "--weight", "0"], "weight must be >= 1"),
+        (["serve", "--port", "0", "--weight", "heavy"], "neither an integer nor 'auto'"),
         (["serve", "--port", "0", "--capacity", "0"], "capacity must be >= 1"),
+        (["serve", "--port", "0", "--drain-timeout", "-1"], "positive number of seconds"),
         (["call", "127.0.0.1:9", "hi", "--timeout", "-1"], "timeout"),
     ],
 )
-def test_bad_options_exit_2_with_a_usage_error(
+def test_bad_options_exit_2_with_their_own_subcommands_usage(
     argv: list[str], complaint: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2
-    assert complaint in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert complaint in err
+    # The usage of the subcommand at fault, not the top-level one.
+    assert err.startswith(f"usage: callosum-gevent {argv[0]} ")
+    assert f"callosum-gevent {argv[0]}: error: " in err
 
 
 @pytest.mark.timeout(40)
@@ -229,7 +237,7 @@ def test_serve_and_call_talk_to_each_other_and_serve_stops_cleanly(signum: int) 
         assert done.stdout == f"hello there\n(answered by alpha on slot 0 at {address})\n"
         out, err = stop(server, signum)
     assert server.returncode == 0, err
-    assert out.endswith("stopped\n")
+    assert re.search(r"\nstopped: drained in \d+\.\d\d s\n$", out), out
     assert "Traceback" not in err
 
 
@@ -247,7 +255,73 @@ def test_call_to_a_refused_port_exits_1_with_one_line() -> None:
     done = run_python("-m", "callosum_gevent", "call", f"127.0.0.1:{port}", "hello")
     assert done.returncode == 1
     assert done.stdout == ""
-    assert done.stderr == f"callosum-gevent call: error: could not reach 127.0.0.1:{port}\n"
+    assert done.stderr == (
+        f"callosum-gevent call: error: could not reach 127.0.0.1:{port} (Connection refused)\n"
+    )
+
+
+@contextmanager
+def stream_server(handle: Any) -> Iterator[str]:
+    """Run a plain (not Callosum) gevent server in this process; yield its HOST:PORT."""
+    server = gevent.server.StreamServer(("127.0.0.1", 0), handle)
+    server.start()
+    try:
+        yield f"127.0.0.1:{server.server_port}"
+    finally:
+        server.stop(timeout=1)
+
+
+def ssh_banner(sock: Any, _address: Any) -> None:
+    try:
+        sock.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+        sock.recv(1)
+    except OSError:
+        pass  # the caller gave up on us: reset, as it should
+
+
+@pytest.mark.timeout(20)
+def test_call_to_a_reachable_port_that_is_not_callosum_is_a_protocol_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with stream_server(ssh_banner) as address:
+        assert main(["call", address, "hi", "--timeout", "2"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"callosum-gevent call: error: {address} is not a Callosum server: ")
+    assert "could not reach" not in err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.timeout(20)
+def test_call_names_each_server_and_what_went_wrong_with_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    refused = f"127.0.0.1:{free_port()}"
+    with stream_server(ssh_banner) as address:
+        assert main(["call", refused, address, "hi", "--timeout", "2"]) == 1
+    err = capsys.readouterr().err
+    assert f"could not reach {refused} (Connection refused)" in err
+    assert f"{address} is not a Callosum server" in err
+
+
+@pytest.mark.timeout(20)
+def test_call_to_a_callosum_server_that_does_not_speak_the_line_protocol(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def garbage(sock: Any, _address: Any) -> None:
+        sock.recv(100)
+        sock.sendall(b"nonsense\n")
+        sock.recv(1)
+
+    server = CallosumServer(("127.0.0.1", 0), garbage)
+    server.start()
+    try:
+        assert main(["call", f"127.0.0.1:{server.server_port}", "hi", "--timeout", "2"]) == 1
+    finally:
+        server.stop(timeout=1)
+    err = capsys.readouterr().err
+    assert err.startswith(f"callosum-gevent call: error: 127.0.0.1:{server.server_port} ")
+    assert "does not speak the line protocol" in err
 
 
 @pytest.mark.timeout(40)
