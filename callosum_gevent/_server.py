@@ -251,7 +251,7 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
         self._conns: dict[Any, _Connection] = {}
         self._boundaries = False  # has any handler marked a request?
         self._draining = False
-        self._live = 0  # connection greenlets inside handle (or its TLS handshake)
+        self._live = 0  # accepted sockets not yet closed
         self._all_gone = Event()
         self._all_gone.set()
         if isinstance(spawn, str) and spawn == "default":
@@ -416,40 +416,35 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
         A failed or silent handshake is counted in ``failed`` and the socket
         closed; nothing escapes the connection's greenlet.
         """
-        self._enter()
+        client_socket.settimeout(self._slot_line_timeout)
         try:
-            client_socket.settimeout(self._slot_line_timeout)
-            try:
-                ssl_socket = self.wrap_socket(client_socket, **self.ssl_args)
-            except OSError as exc:  # ssl.SSLError and timeouts included
-                self._failed += 1
-                _log.debug("TLS handshake with %s failed: %r", address, exc)
-                return None
-            with closing(ssl_socket):
-                ssl_socket.settimeout(None)
-                self._serve(ssl_socket, address)
+            ssl_socket = self.wrap_socket(client_socket, **self.ssl_args)
+        except OSError as exc:  # ssl.SSLError and timeouts included
+            self._failed += 1
+            _log.debug("TLS handshake with %s failed: %r", address, exc)
             return None
+        with closing(ssl_socket):
+            ssl_socket.settimeout(None)
+            return self.handle(ssl_socket, address)
+
+    def do_handle(self, *args: Any) -> None:
+        """Count the connection from now until :meth:`do_close`, then spawn its greenlet."""
+        # Counted before its greenlet even starts, so drain() waits for it too.
+        self._live += 1
+        self._all_gone.clear()
+        super().do_handle(*args)  # calls do_close itself if spawning fails
+
+    def do_close(self, *args: Any) -> None:
+        """Close the accepted socket once its greenlet is done, and uncount it."""
+        try:
+            super().do_close(*args)
         finally:
-            self._leave()
+            self._live -= 1
+            if not self._live:
+                self._all_gone.set()
 
     def handle(self, sock: Any, address: Any) -> None:
         """Give ``sock`` a slot, send the slot line, run the user's handler."""
-        self._enter()
-        try:
-            self._serve(sock, address)
-        finally:
-            self._leave()
-
-    def _enter(self) -> None:
-        self._live += 1
-        self._all_gone.clear()
-
-    def _leave(self) -> None:
-        self._live -= 1
-        if not self._live:
-            self._all_gone.set()
-
-    def _serve(self, sock: Any, address: Any) -> None:
         if self._draining:
             self._refused += 1
             _log.debug("refusing %s: draining", address)
