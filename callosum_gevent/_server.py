@@ -101,28 +101,35 @@ def _shut(sock: Any) -> None:
         raw.detach()  # the descriptor still belongs to ``sock``
 
 
+# A connection's state, as its request boundaries see it.
+_IDLE: Final = 0  # between requests
+_BUSY: Final = 1  # inside server.request()
+_SHUT: Final = 2  # closed by a drain
+_ENDED: Final = 3  # its handler has returned
+
+_REFUSALS: Final = {
+    _BUSY: (RuntimeError, "a request is already open on this connection (one at a time)"),
+    _SHUT: (ConnectionAbortedError, "the server closed this connection to drain"),
+    _ENDED: (ValueError, "this connection's handler has returned"),
+}
+
+
 class _Connection:
     """One served connection and its request boundaries (``server.request(sock)``)."""
 
-    __slots__ = ("_server", "busy", "ended", "shut", "sock")
+    __slots__ = ("_server", "sock", "state")
 
     def __init__(self, server: CallosumServer, sock: Any) -> None:
         self._server = server
         self.sock = sock
-        self.busy = False  # inside a request
-        self.shut = False  # closed by a drain
-        self.ended = False  # its handler has returned
+        self.state = _IDLE
 
     def __enter__(self) -> None:
-        if self.busy:
-            raise RuntimeError("a request is already open on this connection (one at a time)")
-        if self.shut:
-            raise ConnectionAbortedError("the server closed this connection to drain")
-        if self.ended:
-            raise ValueError("this connection's handler has returned")
+        if self.state:
+            error, message = _REFUSALS[self.state]
+            raise error(message)
+        self.state = _BUSY
         server = self._server
-        self.busy = True
-        server._in_request += 1
         if not server._boundaries:
             server._first_boundary()
         estimator = server._estimator
@@ -135,25 +142,24 @@ class _Connection:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if not self.busy:
+        if self.state == _BUSY:
+            self.state = _IDLE
+        elif self.state != _ENDED:  # a handler may return while another greenlet serves
             raise RuntimeError("request boundary left without being entered")
-        self.busy = False
         server = self._server
-        server._in_request -= 1
-        server._requests += 1
         estimator = server._estimator
-        if estimator is not None:
-            rate = estimator.finish(perf_counter())
-            if rate is not None:
-                server._rated(rate)
+        if estimator is None:
+            server._requests += 1
+        elif (rate := estimator.finish(perf_counter())) is not None:
+            server._rated(rate)  # every window of requests: rarely
         if server._draining:
             self.close()
 
     def close(self) -> None:
         """Close between requests: FIN to the client, end of file to the handler."""
-        if self.shut or self.ended:
+        if self.state != _IDLE:
             return
-        self.shut = True
+        self.state = _SHUT
         self._server._drained += 1
         _shut(self.sock)
 
@@ -244,8 +250,7 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
         self._active = 0
         self._failed = 0
         self._errors = 0
-        self._requests = 0
-        self._in_request = 0
+        self._requests = 0  # under "auto" the estimator counts them
         self._drained = 0
         # Served connections by socket, for request(sock) and drain().
         self._conns: dict[Any, _Connection] = {}
@@ -309,14 +314,15 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
         ``in_request`` open now, ``drained`` connections closed between
         requests by a drain.
         """
+        estimator = self._estimator
         return {
             "accepted": self._accepted,
             "refused": self._refused,
             "active": self._active,
             "failed": self._failed,
             "errors": self._errors,
-            "requests": self._requests,
-            "in_request": self._in_request,
+            "requests": self._requests if estimator is None else estimator.completed,
+            "in_request": sum(conn.state == _BUSY for conn in self._conns.values()),
             "drained": self._drained,
         }
 
@@ -371,9 +377,7 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
         seconds = _check_seconds("timeout", timeout, allow_none=True)
         if not self._draining:
             self._draining = True
-            _log.debug(
-                "draining: %d connections, %d in a request", len(self._conns), self._in_request
-            )
+            _log.debug("draining %d connections", len(self._conns))
             self.stop_accepting()
             listener = getattr(self, "socket", None)
             if listener is not None:
@@ -387,8 +391,7 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
 
     def _close_idle(self) -> None:
         for conn in list(self._conns.values()):
-            if not conn.busy:
-                conn.close()
+            conn.close()  # a connection inside a request closes when it leaves
 
     def start_accepting(self) -> None:
         # A bounded spawn pool calls this when it has room again: not while draining.
@@ -468,7 +471,7 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
             try:
                 self._user_handle(sock, address)
             finally:
-                conn.ended = True
+                conn.state = _ENDED
                 del self._conns[sock]
         except OSError:
             self._errors += 1

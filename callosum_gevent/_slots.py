@@ -108,6 +108,7 @@ class CapacityEstimator:
         "_busy_since",
         "_completed",
         "_count",
+        "_due",
         "_in_flight",
         "_rate",
         "_smoothing",
@@ -130,6 +131,7 @@ class CapacityEstimator:
         self._in_flight = 0
         self._completed = 0
         self._count = 0  # requests completed in the current window
+        self._due = blackout  # the count that closes the current window
         self._busy = 0.0  # busy seconds of the current window, up to _busy_since
         self._busy_since = 0.0
         self._rate: float | None = None
@@ -157,19 +159,24 @@ class CapacityEstimator:
 
     def finish(self, now: float) -> float | None:
         """Record that a request finished at ``now``; return the new rate if it changed."""
-        if not self._in_flight:
+        # On every request's path: locals and no calls until a window closes.
+        in_flight = self._in_flight - 1
+        if in_flight < 0:
             raise RuntimeError("finish() without a matching start()")
-        self._in_flight -= 1
+        self._in_flight = in_flight
         self._completed += 1
-        self._count += 1
-        if not self._in_flight:
-            self._busy += max(0.0, now - self._busy_since)
-        if self._count < (self._blackout if self._rate is None else self._window):
+        count = self._count = self._count + 1
+        if not in_flight and now > self._busy_since:
+            self._busy += now - self._busy_since
+        if count < self._due:
             return None
+        return self._close_window(now)
+
+    def _close_window(self, now: float) -> float | None:
         busy = self._busy
-        if self._in_flight:
+        if self._in_flight and now > self._busy_since:
             # The busy stretch goes on: its part so far belongs to this window.
-            busy += max(0.0, now - self._busy_since)
+            busy += now - self._busy_since
             self._busy_since = now
         count, self._count, self._busy = self._count, 0, 0.0
         if busy <= 0.0:
@@ -177,6 +184,7 @@ class CapacityEstimator:
         sample = count / busy
         rate = self._rate
         self._rate = sample if rate is None else rate + self._smoothing * (sample - rate)
+        self._due = self._window
         return self._rate
 
     def __repr__(self) -> str:
