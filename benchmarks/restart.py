@@ -260,7 +260,7 @@ def run(quick: bool) -> dict[str, Any]:
 def child(port: int, mode: str) -> None:
     """Serve on ``port`` until SIGTERM; with mode ``drain`` requests are marked."""
     service = LineService(f"b{port}", SERVICE)
-    server = CallosumServer(("127.0.0.1", port), service)
+    server = CallosumServer(("127.0.0.1", port), service, marks_requests=mode == "drain")
     if mode == "drain":
         service.server = server
     server.start()

@@ -166,6 +166,7 @@ def _serving(args: argparse.Namespace) -> tuple[LineService, CallosumServer]:
         service,
         weight=args.weight,
         max_connections=args.max_connections,
+        marks_requests=True,
     )
     service.server = server  # requests are marked, so the server can drain between them
     return service, server

@@ -120,9 +120,10 @@ class LineService:
     requests are served at once, so a busy server really queues. The counters
     feed the demo's table.
 
-    Set :attr:`server` to the ``CallosumServer`` that runs the service, and
-    each request is marked with ``server.request(sock)``, so the server can
-    drain between requests and measure its capacity (``weight="auto"``).
+    Set :attr:`server` to the ``CallosumServer`` that runs the service
+    (created with ``marks_requests=True``), and each request is marked with
+    ``server.request(sock)``, so the server can drain between requests and
+    measure its capacity (``weight="auto"``).
     """
 
     def __init__(

@@ -200,6 +200,10 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
         never marks requests. The weight then follows every 50 requests.
     :param reference_rate: with ``weight="auto"``, the requests per busy
         second that weight 1 stands for. Give every server of a fleet the same.
+    :param marks_requests: say that the handler marks every request with
+        :meth:`request`, so a drain closes connections that have not begun a
+        request yet. Otherwise the server learns it from the first marked
+        request, and a drain before that leaves connections running.
     :param max_connections: connections beyond this many are closed at once,
         without a slot (with TLS, after the handshake). None means no limit.
     :param slot_line_timeout: seconds allowed to send the slot line; a peer
@@ -214,6 +218,7 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
         *,
         weight: int | Literal["auto"] = 1,
         reference_rate: float = REFERENCE_RATE,
+        marks_requests: bool = False,
         max_connections: int | None = None,
         slot_line_timeout: float = 5.0,
         backlog: int | None = None,
@@ -239,6 +244,8 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
         if not line_timeout:
             raise ValueError(f"slot_line_timeout must be > 0 and finite, got {slot_line_timeout}")
         _check_backlog(backlog)
+        if not isinstance(marks_requests, bool):
+            raise TypeError(f"marks_requests must be a bool, got {type(marks_requests).__name__}")
         self._slots = ServerSlots() if slots is None else slots
         self._weight: int | float = initial
         self._reference_rate = reference
@@ -254,7 +261,7 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
         self._drained = 0
         # Served connections by socket, for request(sock) and drain().
         self._conns: dict[Any, _Connection] = {}
-        self._boundaries = False  # has any handler marked a request?
+        self._boundaries = marks_requests  # does the handler mark its requests?
         self._draining = False
         self._live = 0  # accepted sockets not yet closed
         self._all_gone = Event()
@@ -300,6 +307,11 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
     def active(self) -> int:
         """Return how many connections hold a slot right now."""
         return self._active
+
+    @property
+    def marks_requests(self) -> bool:
+        """Return whether the handler marks its requests (declared, or seen once)."""
+        return self._boundaries
 
     @property
     def draining(self) -> bool:

@@ -241,6 +241,54 @@ def test_serve_and_call_talk_to_each_other_and_serve_stops_cleanly(signum: int) 
     assert "Traceback" not in err
 
 
+def read_reply_line(sock: stdsocket.socket) -> bytes:
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            raise EOFError(f"closed after {line!r}")
+        line += chunk
+    return line
+
+
+@pytest.mark.timeout(40)
+def test_serve_drains_on_sigterm_answering_the_request_in_flight() -> None:
+    with line_server("--id", "d", "--service-time", "1") as (server, address):
+        host, port = address.rsplit(":", 1)
+        busy, idle = (stdsocket.create_connection((host, int(port)), timeout=20) for _ in "ab")
+        with busy, idle:
+            for sock in (busy, idle):
+                assert read_reply_line(sock).endswith(b"\r\n")  # the slot line
+            busy.sendall(b"slow one\n")
+            time.sleep(0.3)  # well inside the 1 s of work
+            server.send_signal(signal.SIGTERM)
+            assert idle.recv(1) == b""  # closed at once, between requests
+            assert read_reply_line(busy) == b"d slow one\n"  # answered, then
+            assert busy.recv(1) == b""  # closed
+            out, err = server.communicate(timeout=10)
+    assert server.returncode == 0, err
+    assert "draining 2 connections (up to 10 s)\n" in out
+    assert re.search(r"\nstopped: drained in (0\.[7-9]|1\.)\d* s\n$", out), out
+
+
+@pytest.mark.timeout(40)
+def test_a_second_signal_cuts_the_drain_short() -> None:
+    with line_server("--id", "e", "--service-time", "30") as (server, address):
+        host, port = address.rsplit(":", 1)
+        with stdsocket.create_connection((host, int(port)), timeout=20) as busy:
+            read_reply_line(busy)
+            busy.sendall(b"endless\n")
+            time.sleep(0.3)
+            server.send_signal(signal.SIGTERM)
+            assert server.stdout is not None
+            assert server.stdout.readline().startswith("draining 1 connections")
+            server.send_signal(signal.SIGINT)
+            assert busy.recv(1) == b""  # killed, unanswered
+            out, err = server.communicate(timeout=10)
+    assert server.returncode == 0, err
+    assert out == "stopped: 1 connections killed after a second signal\n", out
+
+
 @pytest.mark.timeout(40)
 def test_call_goes_to_a_live_server_when_another_refuses() -> None:
     with line_server("--id", "beta") as (_server, address):

@@ -160,9 +160,21 @@ def test_handlers_that_never_mark_requests_keep_todays_behaviour(start: Start) -
     sock.close()
 
 
+def test_a_server_told_its_handler_marks_requests_drains_before_the_first(start: Start) -> None:
+    service = LineService("m")
+    server = start(service, marks_requests=True)
+    assert server.marks_requests
+    socks = [connect(server) for _ in range(2)]  # connected, no request yet
+    assert server.drain(timeout=5) is True
+    assert all(closed_by_peer(s) for s in socks)
+    for sock in socks:
+        sock.close()
+
+
 def test_a_first_marked_request_during_the_drain_closes_the_idle_ones(start: Start) -> None:
     service = LineService("late")
     server = start(service)
+    assert not server.marks_requests
     idle, active = connect(server), connect(server)
     drainer = gevent.spawn(server.drain, 10)
     gevent.sleep(0.05)  # the drain began; nobody had marked a request yet
@@ -171,6 +183,7 @@ def test_a_first_marked_request_during_the_drain_closes_the_idle_ones(start: Sta
     assert closed_by_peer(idle)
     assert closed_by_peer(active)
     assert drainer.get(timeout=5) is True
+    assert server.marks_requests
     idle.close()
     active.close()
 

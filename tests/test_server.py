@@ -334,6 +334,7 @@ def test_slot_line_goes_over_tls(start: Start, ca: trustme.CA) -> None:
         ({"weight": "auto", "reference_rate": float("nan")}, ValueError, "reference_rate"),
         ({"weight": "auto", "reference_rate": 10**400}, ValueError, "reference_rate"),
         ({"weight": "auto", "reference_rate": "1"}, TypeError, "reference_rate"),
+        ({"marks_requests": 1}, TypeError, "marks_requests"),
     ],
 )
 def test_bad_arguments_are_rejected(
