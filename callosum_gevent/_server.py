@@ -396,7 +396,8 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
                 listener.close()  # clients still in the accept queue get a reset
             if self._boundaries:
                 self._close_idle()
-        if self._all_gone.wait(seconds):
+        # wait(0) would still yield a turn of the hub: 0 means do not wait at all.
+        if self._all_gone.is_set() if seconds == 0 else self._all_gone.wait(seconds):
             self.close()  # so that serve_forever returns
             return True
         return False
