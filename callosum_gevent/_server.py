@@ -17,7 +17,7 @@ from gevent.server import StreamServer
 
 from ._slots import CapacityEstimator, ServerSlots
 
-__all__ = ["REFERENCE_RATE", "WEIGHT_RANGE", "CallosumServer", "Handler"]
+__all__ = ["REFERENCE_RATE", "WEIGHT_RANGE", "CallosumServer", "Handler", "weight_for"]
 
 _log = logging.getLogger("callosum_gevent")
 
@@ -92,7 +92,10 @@ def _shut(sock: Any) -> None:
         return
     if fd < 0:
         return
-    raw = _socket.socket(fileno=fd)
+    try:
+        raw = _socket.socket(fileno=fd)
+    except OSError:
+        return  # not a socket after all: nothing to shut
     try:
         raw.shutdown(socket.SHUT_RDWR)
     except OSError:
@@ -321,8 +324,9 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
     def stats(self) -> dict[str, int]:
         """Return counters and gauges.
 
-        ``accepted``, ``refused``, ``active``, ``failed`` and ``errors`` as
-        before; ``requests`` marked with :meth:`request` and finished,
+        ``accepted``, ``refused`` (over ``max_connections``, or while
+        draining), ``active``, ``failed`` and ``errors``; ``requests`` marked
+        with :meth:`request` and finished,
         ``in_request`` open now, ``drained`` connections closed between
         requests by a drain.
         """
@@ -412,7 +416,11 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
             super().start_accepting()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Drain for up to ``timeout`` seconds (default ``stop_timeout``), then kill the rest."""
+        """Drain for up to ``timeout`` seconds (default ``stop_timeout``), then kill the rest.
+
+        With a handler that marks no requests this is StreamServer's stop:
+        stop accepting, wait for handlers to return, kill those left.
+        """
         self.drain(self.stop_timeout if timeout is None else timeout)
         super().stop(timeout=0)
 
