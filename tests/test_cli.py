@@ -18,7 +18,7 @@ from _processes import line_server, run_python, stop
 from gevent import socket
 
 from callosum_gevent import CallosumServer, ProtocolError
-from callosum_gevent.__main__ import main
+from callosum_gevent.__main__ import _parser, _serving, main
 from callosum_gevent._demo import (
     CallosumPools,
     DemoOptions,
@@ -239,6 +239,18 @@ def test_serve_and_call_talk_to_each_other_and_serve_stops_cleanly(signum: int) 
     assert server.returncode == 0, err
     assert re.search(r"\nstopped: drained in \d+\.\d\d s\n$", out), out
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(("weight", "auto"), [("auto", True), ("3", False)])
+def test_serve_builds_a_server_that_marks_requests(weight: str, auto: bool) -> None:
+    parser, _ = _parser()
+    args = parser.parse_args(["serve", "--port", "0", "--weight", weight])
+    service, server = _serving(args)
+    assert service.server is server
+    assert server.marks_requests
+    assert server.weight == (1 if auto else 3)
+    assert (server._estimator is not None) == auto
+    server.close()
 
 
 def read_reply_line(sock: stdsocket.socket) -> bytes:
