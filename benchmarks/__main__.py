@@ -11,7 +11,17 @@ from typing import Any
 
 from ._harness import RESULTS_DIR, machine_info, save_json
 
-NAMES = ("pool", "contention", "roundtrip", "detect", "scale", "fill", "watcher", "balance")
+NAMES = (
+    "pool",
+    "contention",
+    "roundtrip",
+    "detect",
+    "scale",
+    "fill",
+    "watcher",
+    "balance",
+    "restart",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import random
 import signal
 import sys
-from collections.abc import Hashable, Sequence
+import time
+from collections.abc import Sequence
+from typing import Any
 
 import gevent
 import gevent.event
+from gevent import socket as gsocket
 
 from ._client import CallosumClient
 from ._demo import DemoOptions, run_demo
-from ._lineproto import LineService, request
-from ._rover import Rover
+from ._lineproto import LineService, NoReply, request
 from ._server import CallosumServer
-from .errors import CallosumError
+from ._slotline import read_slot_line
+from .errors import CallosumError, ProtocolError
 
 __all__ = ["main"]
 
@@ -33,7 +37,7 @@ _DEMO_OPTIONS: list[tuple[str, type, str]] = [
 ]
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(
         prog="callosum-gevent",
         description="Try the Callosum self-balancing connection pool on gevent.",
@@ -63,7 +67,9 @@ def _parser() -> argparse.ArgumentParser:
         "serve",
         help="run a server of the demo's line protocol",
         description="Serve the line protocol: each request line gets back "
-        "'<server-id> <line>'. Runs until Ctrl-C or SIGTERM.",
+        "'<server-id> <line>'. Runs until SIGTERM or Ctrl-C, then drains: stops "
+        "accepting, finishes the requests in flight and closes each connection "
+        "between requests; a second signal stops at once.",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     serve.add_argument(
@@ -79,7 +85,17 @@ def _parser() -> argparse.ArgumentParser:
         "--capacity", type=int, default=None, help="requests served at once (default: no limit)"
     )
     serve.add_argument(
-        "--weight", type=int, default=1, help="connections per slot number (default %(default)s)"
+        "--weight",
+        type=_weight,
+        default=1,
+        help="connections per slot number, or 'auto' to set it from the measured "
+        "capacity (default %(default)s)",
+    )
+    serve.add_argument(
+        "--drain-timeout",
+        type=_seconds,
+        default=10.0,
+        help="seconds to drain before killing the connections left (default %(default)s)",
     )
     serve.add_argument(
         "--max-connections",
@@ -92,47 +108,49 @@ def _parser() -> argparse.ArgumentParser:
     call = commands.add_parser(
         "call",
         help="send one request through a Callosum client",
-        description="Send MESSAGE through a Callosum client and rover over the given "
-        "servers; print the reply and the server and slot that answered.",
+        description="Connect to the given servers in random order until one sends "
+        "its slot line, send MESSAGE through a Callosum client on that connection, and "
+        "print the reply and the server and slot that answered.",
     )
     call.add_argument("servers", nargs="+", type=_address, metavar="HOST:PORT")
-    call.add_argument("message", metavar="MESSAGE")
+    call.add_argument("message", type=_message, metavar="MESSAGE")
     call.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=5.0,
-        help="seconds to wait for a connection (default %(default)s)",
+        help="seconds to connect, to read the slot line and to wait for the reply "
+        "(default %(default)s)",
     )
-    return parser
+    return parser, {"demo": demo, "serve": serve, "call": call}
 
 
 def _demo_options(args: argparse.Namespace) -> DemoOptions:
     return DemoOptions(**{name: getattr(args, name) for name, _, _ in _DEMO_OPTIONS})
 
 
-def _serve(args: argparse.Namespace) -> int:
-    service = LineService(args.id or "server", args.service_time, args.capacity)
-    server = CallosumServer(
-        (args.host, args.port),
-        service,
-        weight=args.weight,
-        max_connections=args.max_connections,
-    )
-    server.start()
-    host, port = server.address[:2]
-    if args.id is None:
-        service.server_id = f"{host}:{port}"
-    print(f"serving {service.server_id} on {host}:{port}", flush=True)
-    stopping = gevent.event.Event()
-    handlers = [gevent.signal_handler(sig, stopping.set) for sig in (signal.SIGINT, signal.SIGTERM)]
+def _weight(text: str) -> int | str:
+    if text == "auto":
+        return text
     try:
-        stopping.wait()
-    finally:
-        for handler in handlers:
-            handler.cancel()
-        server.stop(timeout=1)
-    print("stopped", flush=True)
-    return 0
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an integer nor 'auto'") from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return seconds
+
+
+def _message(text: str) -> str:
+    if "\n" in text or "\r" in text:
+        raise argparse.ArgumentTypeError("MESSAGE must be one line (no newline)")
+    return text
 
 
 def _address(spec: str) -> tuple[str, int]:
@@ -142,40 +160,128 @@ def _address(spec: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _serving(args: argparse.Namespace) -> tuple[LineService, CallosumServer]:
+    """Build the service and its server; bad settings raise ValueError or TypeError."""
+    service = LineService(args.id or "server", args.service_time, args.capacity)
+    server = CallosumServer(
+        (args.host, args.port),
+        service,
+        weight=args.weight,
+        max_connections=args.max_connections,
+        marks_requests=True,
+    )
+    service.server = server  # requests are marked, so the server can drain between them
+    return service, server
+
+
+def _serve(service: LineService, server: CallosumServer, args: argparse.Namespace) -> int:
+    drain_timeout: float = args.drain_timeout
+    server.start()
+    host, port = server.address[:2]
+    if args.id is None:
+        service.server_id = f"{host}:{port}"
+    print(f"serving {service.server_id} on {host}:{port}", flush=True)
+    signals = gevent.event.Event()
+    count = 0
+
+    def on_signal() -> None:
+        nonlocal count
+        count += 1
+        signals.set()
+
+    handlers = [gevent.signal_handler(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)]
+    try:
+        signals.wait()
+        signals.clear()
+        held = server.stats()["active"]
+        print(f"draining {held} connections (up to {drain_timeout:g} s)", flush=True)
+        started = time.monotonic()
+        drainer = gevent.spawn(server.drain, drain_timeout)
+        # Whichever comes first: the drain ends, or a second signal cuts it short.
+        gevent.wait([drainer, signals], count=1)
+        drained = drainer.ready() and drainer.value is True
+        left = server.stats()["active"]
+    finally:
+        for handler in handlers:
+            handler.cancel()
+        server.stop(timeout=0)
+    if drained:
+        print(f"stopped: drained in {time.monotonic() - started:.2f} s", flush=True)
+    else:
+        why = "a second signal" if count > 1 else f"{drain_timeout:g} s"
+        print(f"stopped: {left} connections killed after {why}", flush=True)
+    return 0
+
+
+def _connect(servers: list[tuple[str, int]], timeout: float) -> tuple[Any, int, str]:
+    """Return a socket that sent its slot line, the slot and the server's name.
+
+    Try the servers in random order. Raise ProtocolError if one answered
+    without a valid slot line and none sent one, else ConnectionError.
+    """
+    problems: list[str] = []
+    protocol = False
+    for host, port in random.sample(servers, len(servers)):
+        name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            sock = gsocket.create_connection((host, port), timeout=timeout)
+        except OSError as exc:
+            problems.append(f"could not reach {name} ({exc.strerror or exc})")
+            continue
+        try:
+            slot = read_slot_line(sock, timeout)
+        except (ProtocolError, OSError) as exc:
+            sock.close()
+            protocol = True
+            problems.append(f"{name} is not a Callosum server: {exc}")
+            continue
+        return sock, slot, name
+    if protocol:
+        raise ProtocolError("; ".join(problems))
+    raise ConnectionError("; ".join(problems))
+
+
 def _call(args: argparse.Namespace) -> int:
-    servers: dict[Hashable, tuple[str, int]] = {f"{h}:{p}": (h, p) for h, p in args.servers}
+    sock, slot, name = _connect(args.servers, args.timeout)
+    host, port = sock.getpeername()[:2]
     with CallosumClient(max_slots=1) as client:
-        rover = Rover(client, servers, connect_timeout=args.timeout, slot_timeout=args.timeout)
-        # Roving by hand tells which slot the one pooled connection got; a
-        # failed server is backed off, so each try picks one not yet tried.
-        slot = None
-        for _ in servers:
-            slot = rover.rove()
-            if slot is not None:
-                break
-        if slot is None:
-            raise ConnectionError(f"could not reach {', '.join(map(str, servers))}")
-        with client.connection(timeout=args.timeout) as sock:
-            host, port = sock.getpeername()[:2]
-            server_id, reply = request(sock, args.message)
+        client.new_connection(slot, sock)
+        with client.connection(timeout=0) as lent:
+            lent.settimeout(args.timeout)
+            try:
+                server_id, reply = request(lent, args.message)
+            except NoReply as exc:
+                raise ConnectionError(f"{name} sent its slot line, then: {exc}") from None
+            except ProtocolError as exc:
+                raise ProtocolError(f"{name} does not speak the line protocol: {exc}") from None
+            except TimeoutError:
+                raise TimeoutError(f"no reply from {name} within {args.timeout:g} s") from None
     print(f"{reply}\n(answered by {server_id} on slot {slot} at {host}:{port})")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with *argv* (default ``sys.argv[1:]``); return the exit code."""
-    parser = _parser()
+    parser, commands = _parser()
     args = parser.parse_args(argv)
     if args.verbose:
         logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(levelname)s %(message)s")
+    usage = commands[args.command]
     try:
+        # Settings are checked before anything runs; a bad one is a usage error
+        # of its own subcommand.
+        try:
+            if args.command == "demo":
+                options = _demo_options(args)
+            elif args.command == "serve":
+                service, server = _serving(args)
+        except (TypeError, ValueError) as exc:
+            usage.error(str(exc))
         if args.command == "demo":
-            return run_demo(_demo_options(args))
+            return run_demo(options)
         if args.command == "serve":
-            return _serve(args)
+            return _serve(service, server, args)
         return _call(args)
-    except ValueError as exc:
-        parser.error(str(exc))
     except (OSError, CallosumError) as exc:
         print(f"callosum-gevent {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -2,21 +2,38 @@
 
 A request is ``b"<message>\\n"``; the reply is ``b"<server-id> <message>\\n"``.
 One request is in flight per connection at a time, so a reader never has to
-keep bytes past the end of a reply.
+keep bytes past the end of a reply. Every request is idempotent (the server
+echoes it), so a client may send it again when no reply came.
 """
 
 from __future__ import annotations
 
 import random
 import socket
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import gevent
 from gevent.lock import BoundedSemaphore
 
 from .errors import ProtocolError
 
-__all__ = ["MAX_LINE", "LineService", "read_line", "request"]
+if TYPE_CHECKING:
+    from ._client import CallosumClient
+    from ._server import CallosumServer
+
+__all__ = ["MAX_LINE", "LineService", "NoReply", "call", "read_line", "request"]
+
+
+class NoReply(ConnectionError):
+    """The connection closed or reset before the first byte of the reply.
+
+    The request may not have reached the server's handler at all: a draining
+    server closes connections between requests, and one it closes just as
+    the client sends looks like this. An idempotent request can be sent
+    again on another connection.
+    """
+
 
 #: The longest line either side accepts, newline included.
 MAX_LINE = 64 * 1024
@@ -25,15 +42,23 @@ MAX_LINE = 64 * 1024
 def read_line(sock: socket.socket) -> bytes:
     """Read one line from *sock* and return it without its newline.
 
-    Raise ``ConnectionError`` if the peer closes first and ``ProtocolError``
-    if the line runs past ``MAX_LINE``. Meant for replies and slot lines: it
-    may read past the newline, so the peer must not send ahead.
+    Raise :class:`NoReply` if the peer closes or resets the connection before
+    sending a byte, ``ConnectionError`` if it closes mid-line, and
+    ``ProtocolError`` if the line runs past ``MAX_LINE``. Meant for replies:
+    it may read past the newline, so the peer must not send ahead.
     """
     buf = bytearray()
     while not buf.endswith(b"\n"):
-        chunk = sock.recv(4096)
+        try:
+            chunk = sock.recv(4096)
+        except ConnectionResetError as exc:
+            if buf:
+                raise
+            raise NoReply(f"the server reset the connection before replying: {exc}") from exc
         if not chunk:
-            raise ConnectionError("the server closed the connection")
+            if buf:
+                raise ConnectionError("the server closed the connection mid-reply")
+            raise NoReply("the server closed the connection before replying")
         buf += chunk
         if len(buf) > MAX_LINE:
             raise ProtocolError(f"line longer than {MAX_LINE} bytes")
@@ -46,11 +71,45 @@ def request(sock: socket.socket, message: str) -> tuple[str, str]:
         raise TypeError(f"message must be str, not {type(message).__name__}")
     if "\n" in message:
         raise ValueError("message must not contain a newline")
-    sock.sendall(message.encode() + b"\n")
+    try:
+        sock.sendall(message.encode() + b"\n")
+    except (BrokenPipeError, ConnectionResetError) as exc:
+        raise NoReply(f"the server closed the connection before the request went: {exc}") from exc
     server_id, sep, echoed = read_line(sock).decode(errors="replace").partition(" ")
     if not sep:
         raise ProtocolError(f"malformed reply {server_id!r}")
     return server_id, echoed
+
+
+def call(
+    client: CallosumClient,
+    message: str,
+    *,
+    timeout: float | None = None,
+    idempotent: bool = True,
+    on_retry: Callable[[NoReply], object] | None = None,
+) -> tuple[str, str]:
+    """Send *message* on a connection lent by *client*; return the reply.
+
+    When the connection closes before the first byte of the reply
+    (:class:`NoReply`) and the request is *idempotent*, send it once more on
+    another connection, after calling ``on_retry(exc)``; a second
+    :class:`NoReply`, or any other error, propagates. A reply cut short is
+    never retried: the server may have acted on the request. *timeout*
+    bounds each wait for a connection, not the reply: set the socket's own
+    timeout for that.
+    """
+    try:
+        with client.connection(timeout) as sock:
+            return request(sock, message)
+    except NoReply as exc:
+        if not idempotent:
+            raise
+        if on_retry is not None:
+            on_retry(exc)
+    # The failed connection was discarded on the way out of the with block.
+    with client.connection(timeout) as sock:
+        return request(sock, message)
 
 
 class LineService:
@@ -60,6 +119,11 @@ class LineService:
     distributed when *rng* is given, fixed otherwise), and at most *capacity*
     requests are served at once, so a busy server really queues. The counters
     feed the demo's table.
+
+    Set :attr:`server` to the ``CallosumServer`` that runs the service
+    (created with ``marks_requests=True``), and each request is marked with
+    ``server.request(sock)``, so the server can drain between requests and
+    measure its capacity (``weight="auto"``).
     """
 
     def __init__(
@@ -82,11 +146,14 @@ class LineService:
         self.connections = 0
         self.peak_connections = 0
         self.served = 0
+        #: The server whose request boundaries to mark, if any.
+        self.server: CallosumServer | None = None
 
     def __call__(self, sock: socket.socket, address: Any) -> None:
         """Answer requests on *sock* until the client hangs up."""
         self.connections += 1
         self.peak_connections = max(self.peak_connections, self.connections)
+        server = self.server
         try:
             # A buffered reader keeps any pipelined requests instead of losing them.
             with sock.makefile("rb") as rfile:
@@ -94,13 +161,21 @@ class LineService:
                     line = rfile.readline(MAX_LINE)
                     if not line.endswith(b"\n"):
                         return  # hung up, or a line too long to be a request
-                    self._work()
-                    sock.sendall(self.server_id.encode() + b" " + line)
+                    if server is None:
+                        self._answer(sock, line)
+                    else:
+                        # Raises ConnectionAbortedError once a drain closed the connection.
+                        with server.request(sock):
+                            self._answer(sock, line)
                     self.served += 1
         except OSError:
             return
         finally:
             self.connections -= 1
+
+    def _answer(self, sock: socket.socket, line: bytes) -> None:
+        self._work()
+        sock.sendall(self.server_id.encode() + b" " + line)
 
     def _work(self) -> None:
         delay = self.service_time

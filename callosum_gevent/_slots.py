@@ -1,10 +1,10 @@
-"""Slot bookkeeping for a Callosum server: hand out the lowest free slot."""
+"""Server-side bookkeeping: the lowest free slot, and the server's measured capacity."""
 
 from __future__ import annotations
 
 import heapq
 
-__all__ = ["ServerSlots"]
+__all__ = ["CapacityEstimator", "ServerSlots"]
 
 
 class ServerSlots:
@@ -82,3 +82,113 @@ class ServerSlots:
 
     def __repr__(self) -> str:
         return f"<ServerSlots in_use={self.in_use} free={len(self._free)} high_water={self._high}>"
+
+
+class CapacityEstimator:
+    """Estimate a server's capacity: requests completed per second of busy time.
+
+    The server is busy while at least one request is in flight. Dividing the
+    requests completed by the busy time measures how fast the server works
+    however many requests overlap: a gevent server interleaves its requests
+    on one CPU, so each request's own duration grows with the number in
+    flight while the work done per busy second does not.
+
+    The first estimate comes from the first ``blackout`` requests together,
+    and nothing is trusted before: :attr:`rate` stays None. After that, every
+    ``window`` requests give a new sample, blended into :attr:`rate` with
+    weight ``smoothing`` (an exponentially weighted moving average).
+
+    Pure bookkeeping: the caller passes the time (any monotonic clock, in
+    seconds), so the estimator is tested without sleeping.
+    """
+
+    __slots__ = (
+        "_blackout",
+        "_busy",
+        "_busy_since",
+        "_completed",
+        "_count",
+        "_due",
+        "_in_flight",
+        "_rate",
+        "_smoothing",
+        "_window",
+    )
+
+    def __init__(self, *, window: int = 50, blackout: int = 200, smoothing: float = 0.2) -> None:
+        for name, value in (("window", window), ("blackout", blackout)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)):
+            raise TypeError(f"smoothing must be a number, got {type(smoothing).__name__}")
+        if not 0 < smoothing <= 1:
+            raise ValueError(f"smoothing must be in (0, 1], got {smoothing}")
+        self._window = window
+        self._blackout = blackout
+        self._smoothing = float(smoothing)
+        self._in_flight = 0
+        self._completed = 0
+        self._count = 0  # requests completed in the current window
+        self._due = blackout  # the count that closes the current window
+        self._busy = 0.0  # busy seconds of the current window, up to _busy_since
+        self._busy_since = 0.0
+        self._rate: float | None = None
+
+    @property
+    def rate(self) -> float | None:
+        """Return the trusted estimate in requests per busy second, or None yet."""
+        return self._rate
+
+    @property
+    def in_flight(self) -> int:
+        """Return how many requests have started and not finished."""
+        return self._in_flight
+
+    @property
+    def completed(self) -> int:
+        """Return how many requests have finished."""
+        return self._completed
+
+    def start(self, now: float) -> None:
+        """Record that a request started at ``now``."""
+        if not self._in_flight:
+            self._busy_since = now
+        self._in_flight += 1
+
+    def finish(self, now: float) -> float | None:
+        """Record that a request finished at ``now``; return the new rate if it changed."""
+        # On every request's path: locals and no calls until a window closes.
+        in_flight = self._in_flight - 1
+        if in_flight < 0:
+            raise RuntimeError("finish() without a matching start()")
+        self._in_flight = in_flight
+        self._completed += 1
+        count = self._count = self._count + 1
+        if not in_flight and now > self._busy_since:
+            self._busy += now - self._busy_since
+        if count < self._due:
+            return None
+        return self._close_window(now)
+
+    def _close_window(self, now: float) -> float | None:
+        busy = self._busy
+        if self._in_flight and now > self._busy_since:
+            # The busy stretch goes on: its part so far belongs to this window.
+            busy += now - self._busy_since
+            self._busy_since = now
+        count, self._count, self._busy = self._count, 0, 0.0
+        if busy <= 0.0:
+            return None  # the clock did not move: no information
+        sample = count / busy
+        rate = self._rate
+        self._rate = sample if rate is None else rate + self._smoothing * (sample - rate)
+        self._due = self._window
+        return self._rate
+
+    def __repr__(self) -> str:
+        return (
+            f"<CapacityEstimator rate={self._rate} in_flight={self._in_flight} "
+            f"completed={self._completed}>"
+        )

@@ -12,12 +12,13 @@ from contextlib import contextmanager
 from typing import Any
 
 import gevent
+import gevent.server
 import pytest
 from _processes import line_server, run_python, stop
 from gevent import socket
 
 from callosum_gevent import CallosumServer, ProtocolError
-from callosum_gevent.__main__ import main
+from callosum_gevent.__main__ import _parser, _serving, main
 from callosum_gevent._demo import (
     CallosumPools,
     DemoOptions,
@@ -205,19 +206,26 @@ def test_callosum_spares_the_slow_server_and_cuts_the_tail() -> None:
         (["demo", "--servers", "1"], "servers must be >= 2"),
         (["demo", "--requests", "0"], "requests must be >= 1"),
         (["call", "localhost", "hi"], "is not HOST:PORT"),
+        (["call", "127.0.0.1:9", "two\nlines"], "MESSAGE must be one line"),
         (["serve", "--port", "x"], "invalid int value"),
         (["serve", "--port", "0", "--weight", "0"], "weight must be >= 1"),
+        (["serve", "--port", "0", "--weight", "heavy"], "neither an integer nor 'auto'"),
         (["serve", "--port", "0", "--capacity", "0"], "capacity must be >= 1"),
+        (["serve", "--port", "0", "--drain-timeout", "-1"], "positive number of seconds"),
         (["call", "127.0.0.1:9", "hi", "--timeout", "-1"], "timeout"),
     ],
 )
-def test_bad_options_exit_2_with_a_usage_error(
+def test_bad_options_exit_2_with_their_own_subcommands_usage(
     argv: list[str], complaint: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2
-    assert complaint in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert complaint in err
+    # The usage of the subcommand at fault, not the top-level one.
+    assert err.startswith(f"usage: callosum-gevent {argv[0]} ")
+    assert f"callosum-gevent {argv[0]}: error: " in err
 
 
 @pytest.mark.timeout(40)
@@ -229,8 +237,68 @@ def test_serve_and_call_talk_to_each_other_and_serve_stops_cleanly(signum: int) 
         assert done.stdout == f"hello there\n(answered by alpha on slot 0 at {address})\n"
         out, err = stop(server, signum)
     assert server.returncode == 0, err
-    assert out.endswith("stopped\n")
+    assert re.search(r"\nstopped: drained in \d+\.\d\d s\n$", out), out
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(("weight", "auto"), [("auto", True), ("3", False)])
+def test_serve_builds_a_server_that_marks_requests(weight: str, auto: bool) -> None:
+    parser, _ = _parser()
+    args = parser.parse_args(["serve", "--port", "0", "--weight", weight])
+    service, server = _serving(args)
+    assert service.server is server
+    assert server.marks_requests
+    assert server.weight == (1 if auto else 3)
+    assert (server._estimator is not None) == auto
+    server.close()
+
+
+def read_reply_line(sock: stdsocket.socket) -> bytes:
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            raise EOFError(f"closed after {line!r}")
+        line += chunk
+    return line
+
+
+@pytest.mark.timeout(40)
+def test_serve_drains_on_sigterm_answering_the_request_in_flight() -> None:
+    with line_server("--id", "d", "--service-time", "1") as (server, address):
+        host, port = address.rsplit(":", 1)
+        busy, idle = (stdsocket.create_connection((host, int(port)), timeout=20) for _ in "ab")
+        with busy, idle:
+            for sock in (busy, idle):
+                assert read_reply_line(sock).endswith(b"\r\n")  # the slot line
+            busy.sendall(b"slow one\n")
+            time.sleep(0.3)  # well inside the 1 s of work
+            server.send_signal(signal.SIGTERM)
+            assert idle.recv(1) == b""  # closed at once, between requests
+            assert read_reply_line(busy) == b"d slow one\n"  # answered, then
+            assert busy.recv(1) == b""  # closed
+            out, err = server.communicate(timeout=10)
+    assert server.returncode == 0, err
+    assert "draining 2 connections (up to 10 s)\n" in out
+    assert re.search(r"\nstopped: drained in (0\.[7-9]|1\.)\d* s\n$", out), out
+
+
+@pytest.mark.timeout(40)
+def test_a_second_signal_cuts_the_drain_short() -> None:
+    with line_server("--id", "e", "--service-time", "30") as (server, address):
+        host, port = address.rsplit(":", 1)
+        with stdsocket.create_connection((host, int(port)), timeout=20) as busy:
+            read_reply_line(busy)
+            busy.sendall(b"endless\n")
+            time.sleep(0.3)
+            server.send_signal(signal.SIGTERM)
+            assert server.stdout is not None
+            assert server.stdout.readline().startswith("draining 1 connections")
+            server.send_signal(signal.SIGINT)
+            assert busy.recv(1) == b""  # killed, unanswered
+            out, err = server.communicate(timeout=10)
+    assert server.returncode == 0, err
+    assert out == "stopped: 1 connections killed after a second signal\n", out
 
 
 @pytest.mark.timeout(40)
@@ -247,7 +315,73 @@ def test_call_to_a_refused_port_exits_1_with_one_line() -> None:
     done = run_python("-m", "callosum_gevent", "call", f"127.0.0.1:{port}", "hello")
     assert done.returncode == 1
     assert done.stdout == ""
-    assert done.stderr == f"callosum-gevent call: error: could not reach 127.0.0.1:{port}\n"
+    assert done.stderr == (
+        f"callosum-gevent call: error: could not reach 127.0.0.1:{port} (Connection refused)\n"
+    )
+
+
+@contextmanager
+def stream_server(handle: Any) -> Iterator[str]:
+    """Run a plain (not Callosum) gevent server in this process; yield its HOST:PORT."""
+    server = gevent.server.StreamServer(("127.0.0.1", 0), handle)
+    server.start()
+    try:
+        yield f"127.0.0.1:{server.server_port}"
+    finally:
+        server.stop(timeout=1)
+
+
+def ssh_banner(sock: Any, _address: Any) -> None:
+    try:
+        sock.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+        sock.recv(1)
+    except OSError:
+        pass  # the caller gave up on us: reset, as it should
+
+
+@pytest.mark.timeout(20)
+def test_call_to_a_reachable_port_that_is_not_callosum_is_a_protocol_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with stream_server(ssh_banner) as address:
+        assert main(["call", address, "hi", "--timeout", "2"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"callosum-gevent call: error: {address} is not a Callosum server: ")
+    assert "could not reach" not in err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.timeout(20)
+def test_call_names_each_server_and_what_went_wrong_with_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    refused = f"127.0.0.1:{free_port()}"
+    with stream_server(ssh_banner) as address:
+        assert main(["call", refused, address, "hi", "--timeout", "2"]) == 1
+    err = capsys.readouterr().err
+    assert f"could not reach {refused} (Connection refused)" in err
+    assert f"{address} is not a Callosum server" in err
+
+
+@pytest.mark.timeout(20)
+def test_call_to_a_callosum_server_that_does_not_speak_the_line_protocol(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def garbage(sock: Any, _address: Any) -> None:
+        sock.recv(100)
+        sock.sendall(b"nonsense\n")
+        sock.recv(1)
+
+    server = CallosumServer(("127.0.0.1", 0), garbage)
+    server.start()
+    try:
+        assert main(["call", f"127.0.0.1:{server.server_port}", "hi", "--timeout", "2"]) == 1
+    finally:
+        server.stop(timeout=1)
+    err = capsys.readouterr().err
+    assert err.startswith(f"callosum-gevent call: error: 127.0.0.1:{server.server_port} ")
+    assert "does not speak the line protocol" in err
 
 
 @pytest.mark.timeout(40)

@@ -323,6 +323,18 @@ def test_slot_line_goes_over_tls(start: Start, ca: trustme.CA) -> None:
         ({"slot_line_timeout": 0}, ValueError, "slot_line_timeout"),
         ({"slot_line_timeout": float("inf")}, ValueError, "slot_line_timeout"),
         ({"slot_line_timeout": "1"}, TypeError, "slot_line_timeout"),
+        ({"backlog": 10**100}, ValueError, "backlog"),
+        ({"backlog": 2**31}, ValueError, "backlog"),
+        ({"backlog": -1}, ValueError, "backlog"),
+        ({"backlog": "8"}, TypeError, "backlog"),
+        ({"backlog": 8.0}, TypeError, "backlog"),
+        ({"weight": "fast"}, ValueError, "weight"),
+        ({"weight": b"auto"}, TypeError, "weight"),
+        ({"weight": "auto", "reference_rate": 0}, ValueError, "reference_rate"),
+        ({"weight": "auto", "reference_rate": float("nan")}, ValueError, "reference_rate"),
+        ({"weight": "auto", "reference_rate": 10**400}, ValueError, "reference_rate"),
+        ({"weight": "auto", "reference_rate": "1"}, TypeError, "reference_rate"),
+        ({"marks_requests": 1}, TypeError, "marks_requests"),
     ],
 )
 def test_bad_arguments_are_rejected(
@@ -346,3 +358,154 @@ def test_set_handle_replaces_the_handler_and_keeps_slots(start: Start) -> None:
         assert read_slot(conn) == 0
         assert conn.recv(16) == b"hi"
     assert freed(server) == [0]
+
+
+def test_the_largest_backlog_listen_takes_still_starts(start: Start) -> None:
+    server = start(until_eof, backlog=2**31 - 1)
+    with connect(server) as conn:
+        assert read_slot(conn) == 0
+
+
+# -- request boundaries ------------------------------------------------------
+
+
+def line_handler(server_box: list[CallosumServer]) -> Callable[[Any, Any], None]:
+    """Answer each line with itself, marking each as one request."""
+
+    def handle(sock: Any, address: Any) -> None:
+        server = server_box[0]
+        with sock.makefile("rb") as rfile:
+            while line := rfile.readline():
+                with server.request(sock):
+                    sock.sendall(line)
+
+    return handle
+
+
+def test_requests_are_counted_while_open_and_when_done(start: Start) -> None:
+    inside = gevent.event.Event()
+    release = gevent.event.Event()
+    box: list[CallosumServer] = []
+
+    def handle(sock: Any, address: Any) -> None:
+        while sock.recv(1):
+            with box[0].request(sock):
+                inside.set()
+                release.wait()
+                sock.sendall(b"k")
+
+    server = start(handle)
+    box.append(server)
+    with connect(server) as conn:
+        read_slot(conn)
+        conn.sendall(b"x")
+        assert inside.wait(timeout=5)
+        assert server.stats()["in_request"] == 1
+        assert server.stats()["requests"] == 0
+        release.set()
+        assert conn.recv(1) == b"k"
+        assert server.stats()["in_request"] == 0
+        assert server.stats()["requests"] == 1
+
+
+def test_request_refuses_misuse_with_clear_errors(start: Start) -> None:
+    box: list[CallosumServer] = []
+    seen: gevent.queue.Queue[str] = gevent.queue.Queue()
+
+    def handle(sock: Any, address: Any) -> None:
+        server = box[0]
+        marker = server.request(sock)
+        with marker:
+            try:
+                with server.request(sock):
+                    seen.put("nested entered")
+            except RuntimeError as exc:
+                seen.put(f"nested: {exc}")
+        try:
+            marker.__exit__(None, None, None)
+        except RuntimeError as exc:
+            seen.put(f"exit: {exc}")
+        with marker:  # the same marker serves the next request
+            seen.put("again")
+        box.append(marker)  # kept past the handler's end
+        until_eof(sock, address)
+
+    server = start(handle)
+    box.append(server)
+    with connect(server) as conn:
+        read_slot(conn)
+        assert "one at a time" in seen.get(timeout=5)
+        assert "without being entered" in seen.get(timeout=5)
+        assert seen.get(timeout=5) == "again"
+        with pytest.raises(ValueError, match="sock"):
+            server.request(conn)  # the client's end is not one the server serves
+    freed(server)
+    with pytest.raises(ValueError, match="sock"):
+        server.request(gevent.socket.socket())
+    with pytest.raises(TypeError, match="sock"):
+        server.request([])
+    with pytest.raises(ValueError, match="returned"), box[1]:
+        pass  # a marker kept after its handler returned
+    assert server.stats()["requests"] == 2
+    assert server.stats()["in_request"] == 0
+
+
+def test_request_works_over_tls(start: Start, ca: trustme.CA) -> None:
+    server_ctx = gevent.ssl.SSLContext(gevent.ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(server_ctx)
+    client_ctx = gevent.ssl.SSLContext(gevent.ssl.PROTOCOL_TLS_CLIENT)
+    ca.configure_trust(client_ctx)
+    box: list[CallosumServer] = []
+    server = start(line_handler(box), ssl_context=server_ctx)
+    box.append(server)
+    with client_ctx.wrap_socket(connect(server), server_hostname="localhost") as conn:
+        assert read_slot(conn) == 0
+        for _ in range(3):
+            conn.sendall(b"hi\n")
+            assert conn.recv(16) == b"hi\n"
+    freed(server)
+    assert server.stats()["requests"] == 3
+
+
+@pytest.mark.timeout(30)
+def test_auto_weight_numbers_slots_by_the_measured_capacity(start: Start) -> None:
+    box: list[CallosumServer] = []
+    # A reference far above any loopback echo's rate gives a weight below 1,
+    # so every position gets its own, spread-out slot number.
+    server = start(line_handler(box), weight="auto", reference_rate=1e7)
+    box.append(server)
+    assert server.weight == 1
+    assert server.rate is None
+    with connect(server) as conn:
+        assert read_slot(conn) == 0
+        rfile = conn.makefile("rb")
+        for n in range(199):
+            conn.sendall(b"%d\n" % n)
+            rfile.readline()
+        assert server.rate is None, "trusted before the blackout ended"
+        assert server.weight == 1
+        conn.sendall(b"last\n")
+        rfile.readline()
+        rate = server.rate
+        assert rate is not None and rate > 0
+        weight = server.weight
+        assert weight == max(0.001, rate / 1e7)
+        assert isinstance(weight, float) and weight < 1
+        # Positions 1..8 (0 is held by conn) take slot floor(position / weight).
+        others = [connect(server) for _ in range(8)]
+        try:
+            assert [read_slot(c) for c in others] == [int(p / weight) for p in range(1, 9)]
+        finally:
+            for other in others:
+                other.close()
+        rfile.close()
+
+
+def test_a_handler_that_never_marks_requests_keeps_weight_1(start: Start) -> None:
+    server = start(until_eof, weight="auto")
+    conns = [connect(server) for _ in range(3)]
+    assert [read_slot(c) for c in conns] == [0, 1, 2]
+    assert server.weight == 1
+    assert server.rate is None
+    for conn in conns:
+        conn.close()
