@@ -120,7 +120,8 @@ class Fleet:
             opts.capacity,
             random.Random(f"{opts.seed}-{server_id}"),
         )
-        server = CallosumServer(("127.0.0.1", 0), service)
+        server = CallosumServer(("127.0.0.1", 0), service, marks_requests=True)
+        service.server = server  # mark each request, so the server sees its boundaries
         server.start()
         self.services[server_id] = service
         self._servers[server_id] = server
