@@ -10,8 +10,8 @@ from typing import Any
 from ._harness import Samples, fmt_stat, interleave, print_table, ratio_stat, stat, target
 from ._peers import (
     CheckedLifoPool,
-    GeventConnPoolPort,
     LifoPool,
+    SemaphoreDequePool,
     Sock,
     close_all,
     filled_client,
@@ -62,7 +62,7 @@ def variants(socks: list[Sock], n: int) -> dict[str, Callable[[], float]]:
     peek = CheckedLifoPool(socks, is_dead)
     polled = CheckedLifoPool(socks, is_readable)
     gsp = gsocketpool_pool(socks)
-    gcp = GeventConnPoolPort(socks, (OSError,))
+    gcp = SemaphoreDequePool(socks)
     client = filled_client(socks)
 
     def floor_loop(n: int) -> None:
@@ -84,7 +84,7 @@ def variants(socks: list[Sock], n: int) -> dict[str, Callable[[], float]]:
         "LifoQueue+peek with": with_loop(peek.connection),
         "LifoQueue+poll with": with_loop(polled.connection),
         "gsocketpool with": with_loop(gsp.connection),
-        "geventconnpool* with": with_loop(gcp.get),
+        "geventconnpool* with": with_loop(gcp.connection),
         "callosum get/return": callosum_raw,
         "callosum with": with_loop(client.connection),
     }
@@ -117,8 +117,8 @@ def run(quick: bool) -> dict[str, Any]:
     print_table(
         f"pool: one lend + return, 1 greenlet, {N_CONNECTIONS} loopback TCP connections, "
         f"{n:,} cycles x {repeats} repeats. +peek: redis-py's MSG_PEEK check at checkout; "
-        "+poll: urllib3's poll(0); * geventconnpool 0.2.1 get() ported (it does not import "
-        "on Python 3)",
+        "+poll: urllib3's poll(0); * geventconnpool 0.2.1's algorithm in our own code (the "
+        "package does not import on Python 3)",
         ["variant", "ns/cycle median (min-max)", f"ratio to {REFERENCE}"],
         rows,
     )

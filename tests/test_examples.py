@@ -6,9 +6,12 @@ import re
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 from _processes import ROOT, child_env, line_server, run_python, stop
+
+from callosum_gevent.__main__ import _parser
 
 EXAMPLES = ROOT / "examples"
 
@@ -76,3 +79,53 @@ def test_wsgi_app_serves_under_gunicorn_gevent_workers(preload: bool) -> None:
             err = stop(gunicorn)[1]
         assert gunicorn.returncode == 0, err
         assert "Traceback" not in err
+
+
+def _python_block(heading: str) -> str:
+    """Return the first ``python`` code block under the README's ``## heading``."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)[0]
+
+
+@pytest.mark.timeout(40)
+def test_readme_quickstart_and_retry_example_run(tmp_path: Path) -> None:
+    quickstart = _python_block("Quickstart")
+    retry = _python_block("Timeouts and retries")
+    setup, teardown, rest = quickstart.partition("rover.stop()")
+    assert teardown, "the quickstart no longer ends with rover.stop()"
+    script = tmp_path / "readme_example.py"
+    script.write_text(f"{setup}{retry}\nprint(call_idempotent(b'again'))\n{teardown}{rest}")
+    done = run_python(str(script))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "b'echo hello\\n'\nb'echo again\\n'\n"
+    assert done.stderr == ""
+
+
+def test_kubernetes_manifest_puts_backends_behind_a_headless_service() -> None:
+    yaml = pytest.importorskip("yaml")
+    documents = yaml.safe_load_all((EXAMPLES / "kubernetes.yaml").read_text())
+    by_name = {f"{doc['kind']}/{doc['metadata']['name']}": doc for doc in documents}
+    service = by_name["Service/line-backend"]["spec"]
+    backend = by_name["Deployment/line-backend"]["spec"]["template"]
+    frontend = by_name["Deployment/frontend"]["spec"]["template"]["spec"]["containers"][0]
+
+    # Headless: the name resolves to every pod, so the rover sees each as a server.
+    assert service["clusterIP"] == "None"
+    assert service["selector"].items() <= backend["metadata"]["labels"].items()
+    (port,) = service["ports"]
+    (container,) = backend["spec"]["containers"]
+    assert {"name": port["targetPort"], "containerPort": port["port"]} in container["ports"]
+
+    # The backend runs this package's server, with options its CLI accepts.
+    command = container["command"]
+    assert command[:2] == ["callosum-gevent", "serve"]
+    options = _parser().parse_args(command[1:])
+    assert (options.host, options.port) == ("0.0.0.0", port["port"])
+
+    # The front end points the example app's rover at the Service's name.
+    env = {item["name"]: item["value"] for item in frontend["env"]}
+    host, _, backends_port = env["BACKENDS"].rpartition(":")
+    assert host.split(".")[0] == "line-backend" and int(backends_port) == port["port"]
+    module, _, attribute = frontend["command"][-1].partition(":")
+    assert (ROOT / (module.replace(".", "/") + ".py")).is_file() and attribute == "app"
