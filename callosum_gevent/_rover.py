@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import random
@@ -31,6 +32,9 @@ Address = tuple[str, int] | str
 #: ``on_unreachable(server_id, (host, port))``.
 UnreachableCallback = Callable[[Hashable, tuple[str, int]], object]
 
+#: More connects at once than there are port numbers cannot happen.
+_MAX_FILL_CONCURRENCY = 65535
+
 _COUNTERS = (
     "attempts",
     "kept",
@@ -49,8 +53,58 @@ class ConnectionSink(Protocol):
     def new_connection(self, slot: int, sock: socket.socket) -> bool: ...
 
 
+def _host_problem(host: str) -> str | None:
+    """Return why *host* is neither an IP address nor a DNS name, or None if it is one.
+
+    ``getaddrinfo`` raises UnicodeError (not OSError) for names it cannot
+    encode, and TLS refuses an empty or leading-dot ``server_hostname``:
+    both are configuration typos, so they are refused up front.
+    """
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    if not host:
+        return "is empty"
+    if any(ch.isspace() or not ch.isprintable() for ch in host):
+        return "contains whitespace or a control character"
+    if ":" in host:
+        return "is not an IP address, and a host name cannot hold ':'"
+    labels = (host[:-1] if host.endswith(".") else host).split(".")
+    if "" in labels:
+        return "has an empty DNS label"
+    for label in labels:
+        if label.isascii() and len(label) > 63:
+            return f"has a DNS label longer than 63 characters ({label[:20]}...)"
+    try:
+        encoded = host.encode("idna")
+    except UnicodeError as exc:
+        return f"is not a valid DNS name ({exc})"
+    if len(encoded.rstrip(b".")) > 253:
+        return "is longer than 253 bytes"
+    return None
+
+
+def _lookup_form(host: str) -> str:
+    """Return *host* as ``getaddrinfo`` is given it: IDNA-encoded ASCII for a name.
+
+    Encoding here, once, means the resolver's worker threads never meet a
+    name they cannot encode (they would print the error from the hub).
+    """
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        return host.encode("idna").decode("ascii")
+
+
 def parse_address(address: object, name: str = "address") -> tuple[str, int]:
-    """Return ``(host, port)`` for a tuple or ``"host:port"`` string; raise naming *name*."""
+    """Return ``(host, port)`` for a tuple or ``"host:port"`` string; raise naming *name*.
+
+    The host must be an IP address or a DNS name that can be looked up
+    (no empty or overlong labels, no whitespace).
+    """
     if isinstance(address, str):
         host, colon, port_text = address.rpartition(":")
         if not colon or not port_text.isascii() or not port_text.isdigit():
@@ -76,13 +130,24 @@ def parse_address(address: object, name: str = "address") -> tuple[str, int]:
         raise ValueError(f"{name} {address!r} has an empty host")
     if not 0 < port < 65536:
         raise ValueError(f"{name} {address!r} has port {port} outside 1-65535")
+    problem = _host_problem(host)
+    if problem is not None:
+        raise ValueError(f"{name} {address!r}: host {host!r} {problem}")
     return host, port
 
 
-def _check_number(name: str, value: object, *, integer: bool = False, minimum: float = 0) -> None:
+def _check_number(
+    name: str,
+    value: object,
+    *,
+    integer: bool = False,
+    minimum: float = 0,
+    maximum: int | None = None,
+) -> None:
     """Raise unless *value* is a finite number (an int if *integer*) above *minimum*.
 
-    For ints, *minimum* itself is allowed; for seconds, it is not.
+    For ints, *minimum* itself is allowed; for seconds, it is not. An int
+    may be capped at *maximum*.
     """
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
         kind = "an int" if integer else "a number"
@@ -90,6 +155,8 @@ def _check_number(name: str, value: object, *, integer: bool = False, minimum: f
     ok = value >= minimum if integer else math.isfinite(value) and value > minimum
     if not ok:
         raise ValueError(f"{name} must be {'>=' if integer else '>'} {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value!r}")
 
 
 @dataclass(eq=False)
@@ -99,6 +166,8 @@ class _Endpoint:
     server_id: Hashable
     family: int
     sockaddr: tuple[Any, ...]
+    # Failed attempts since the last success: while above 0 the endpoint is
+    # probed one attempt at a time, each failure doubling its backoff.
     failures: int = 0
     due: float = 0.0  # monotonic time before which it is not tried
     in_flight: int = 0
@@ -119,6 +188,24 @@ class _Server:
     resolve_failures: int = 0
     resolving: bool = False
 
+    @property
+    def lookup_host(self) -> str:
+        return _lookup_form(self.host)
+
+
+def _probing(endpoint: _Endpoint) -> bool:
+    """Tell whether a failing endpoint has its one probe in flight."""
+    return endpoint.failures > 0 and endpoint.in_flight > 0
+
+
+def _may_try(endpoint: _Endpoint, now: float) -> bool:
+    """Tell whether an attempt may start at *endpoint* now.
+
+    A failing endpoint gets one attempt at a time (a probe), so a dead
+    address costs one connect per backoff step, not ``fill_concurrency``.
+    """
+    return endpoint.due <= now and not _probing(endpoint)
+
 
 class Rover:
     """Open connections to random servers and offer them to a client.
@@ -136,7 +223,13 @@ class Rover:
     breaks the protocol is logged, counted in :meth:`stats`, reported to
     ``on_unreachable(server_id, (host, port))`` and backed off exponentially
     (``backoff_base`` doubling up to ``backoff_max`` seconds, jittered); it
-    stays in the list, and one success resets its backoff.
+    stays in the list, and one success resets its backoff. While backed off,
+    an address gets one attempt at a time (a probe), even while the client
+    is filling. Every error an attempt raises, whatever its class, is
+    counted and backed off this way; none escapes to the hub.
+
+    Host names (and ``server_hostname``) are checked when given: a name with
+    an empty or overlong DNS label, or whitespace, raises ValueError.
 
     Nothing runs until :meth:`start` (or ``with rover:``); :meth:`stop` ends
     every greenlet the rover started and closes connections still being set
@@ -195,14 +288,26 @@ class Rover:
             _check_number(name, value)
         if backoff_max < backoff_base:
             raise ValueError(f"backoff_max {backoff_max} must be >= backoff_base {backoff_base}")
-        _check_number("fill_concurrency", fill_concurrency, integer=True, minimum=1)
+        _check_number(
+            "fill_concurrency",
+            fill_concurrency,
+            integer=True,
+            minimum=1,
+            maximum=_MAX_FILL_CONCURRENCY,
+        )
         _check_number("max_slot", max_slot, integer=True)
         if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
             raise TypeError(
                 f"ssl_context must be an ssl.SSLContext, got {type(ssl_context).__name__}"
             )
-        if server_hostname is not None and not isinstance(server_hostname, str):
-            raise TypeError(f"server_hostname must be a str, got {type(server_hostname).__name__}")
+        if server_hostname is not None:
+            if not isinstance(server_hostname, str):
+                raise TypeError(
+                    f"server_hostname must be a str, got {type(server_hostname).__name__}"
+                )
+            problem = _host_problem(server_hostname)
+            if problem is not None:
+                raise ValueError(f"server_hostname {server_hostname!r} {problem}")
         if on_unreachable is not None and not callable(on_unreachable):
             raise TypeError("on_unreachable must be callable")
 
@@ -384,7 +489,8 @@ class Rover:
         """Return seconds until some server may be tried (0.0: now), or None if none exist."""
         # A name due to be looked up counts as due: the attempt resolves it.
         dues = [s.resolve_due for s in self._servers.values() if not s.resolving]
-        dues += [ep.due for ep in self._endpoints()]
+        # An endpoint being probed is due again when its probe ends, which wakes the loop.
+        dues += [ep.due for ep in self._endpoints() if not _probing(ep)]
         return max(0.0, min(dues) - now) if dues else None
 
     def _background_attempt(self) -> None:
@@ -403,7 +509,7 @@ class Rover:
                 self._resolve(server)
         now = time.monotonic()
         endpoints = self._endpoints()
-        ready = [ep for ep in endpoints if ep.due <= now]
+        ready = [ep for ep in endpoints if _may_try(ep, now)]
         untried = [ep for ep in ready if not ep.tried]
         if untried:
             # A server just added (or a new address of one) offers its lowest
@@ -421,9 +527,11 @@ class Rover:
     def _resolve(self, server: _Server) -> None:
         server.resolving = True
         try:
-            infos = gsocket.getaddrinfo(server.host, server.port, 0, socket.SOCK_STREAM)
+            infos = gsocket.getaddrinfo(server.lookup_host, server.port, 0, socket.SOCK_STREAM)
             self._counts["resolves"] += 1
-        except OSError as exc:
+        except Exception as exc:
+            # Whatever the class (a resolver may raise UnicodeError, a
+            # ValueError): count it and back off, never retry at once.
             server.resolve_failures += 1
             server.resolve_due = time.monotonic() + self._backoff(server.resolve_failures)
             warn = server.resolve_failures == 1
@@ -467,7 +575,10 @@ class Rover:
         except ProtocolError as exc:
             self._endpoint_failed(endpoint, "protocol_errors", exc)
             return None
-        except OSError as exc:
+        except Exception as exc:
+            # OSError mostly; anything else (an odd resolver answer, a TLS
+            # setting the context refuses) is backed off the same way rather
+            # than escaping to the hub and being retried at once.
             self._endpoint_failed(endpoint, "connect_errors", exc)
             return None
         finally:
@@ -475,7 +586,7 @@ class Rover:
             # Still set only if the attempt failed or was killed (stop()).
             if sock is not None:
                 sock.close()
-        if self._offer(slot, offered):
+        if self._offer(slot, offered, endpoint):
             endpoint.failures, endpoint.due = 0, 0.0
         else:
             # The client rejected it outright (a slot above its ceiling, say):
@@ -497,8 +608,9 @@ class Rover:
             _context=self._ssl_context,
         )
 
-    def _offer(self, slot: int, sock: Any) -> bool:
+    def _offer(self, slot: int, sock: Any, endpoint: _Endpoint) -> bool:
         """Hand *sock* to the client; return False if it raised instead of answering."""
+        server_id, address = endpoint.server_id, endpoint.address
         try:
             kept = self._client.new_connection(slot, sock)
         except PoolClosed:
@@ -511,9 +623,21 @@ class Rover:
             # A faulty client must not end the rover; the socket is ours again.
             sock.close()
             self._counts["client_errors"] += 1
-            _log.exception("rover: client.new_connection(%d, ...) raised", slot)
+            _log.exception(
+                "rover: server %r at %s: client.new_connection(%d, ...) raised",
+                server_id,
+                address,
+                slot,
+            )
             return False
         self._counts["kept" if kept else "turned_down"] += 1
+        _log.debug(
+            "rover: server %r at %s: slot %d %s",
+            server_id,
+            address,
+            slot,
+            "kept" if kept else "turned down",
+        )
         return True
 
     def _back_off(self, endpoint: _Endpoint) -> bool:
@@ -547,7 +671,17 @@ class Rover:
         self._failures[server_id] += 1
         # Warn when a server starts failing; repeats while it stays down are noise.
         level = logging.WARNING if warn else logging.DEBUG
-        _log.log(level, "rover: server %r at %s: %s: %s", server_id, address, kind, exc)
+        # An error of an unexpected class may be a bug: show where it came from.
+        trace = warn and not isinstance(exc, OSError | ProtocolError)
+        _log.log(
+            level,
+            "rover: server %r at %s: %s: %r",
+            server_id,
+            address,
+            kind,
+            exc,
+            exc_info=exc if trace else None,
+        )
         if self._on_unreachable is not None:
             try:
                 self._on_unreachable(server_id, address)
