@@ -6,7 +6,9 @@ import logging
 import os
 import socket
 import weakref
+from collections.abc import Hashable
 from functools import partial
+from time import perf_counter
 from types import TracebackType
 from typing import Any, Final, Protocol
 
@@ -15,6 +17,7 @@ from gevent.event import Event
 from gevent.monkey import get_original
 from greenlet import greenlet
 
+from ._servers import Server
 from ._state import IDLE, LEASED, RETIRED, Entry, PoolState
 from .errors import PoolClosed, PoolTimeout
 
@@ -32,6 +35,9 @@ _READ: Final = 1  # libev EV_READ
 
 _MAX_SLOT_NUMBER: Final = 2**31 - 1
 
+# Lease times and connection ages: monotonic, and the cheapest such clock.
+_clock = perf_counter
+
 
 class _Socket(Protocol):
     def fileno(self) -> int: ...
@@ -41,17 +47,18 @@ class _Socket(Protocol):
 class _Conn(Entry):
     """A pooled connection: the bookkeeping entry plus its I/O helpers."""
 
-    __slots__ = ("fd", "io", "lent_at", "poll", "raw", "wake")
+    __slots__ = ("born", "fd", "io", "lent_at", "lent_time", "poll", "raw", "wake")
 
     item: Any
     poll: Any
     io: Any
     wake: Any
 
-    def __init__(self, slot: int, sock: _Socket, fd: int) -> None:
-        super().__init__(slot, sock)
+    def __init__(self, slot: int, sock: _Socket, fd: int, server: Server) -> None:
+        super().__init__(slot, sock, server)
         self.fd = fd
         self.lent_at = -1
+        self.born = self.lent_time = _clock()
         # A gevent socket swaps its _sock for a placeholder when closed: an
         # identity test tells a locally closed socket far cheaper than fileno().
         self.raw = getattr(sock, "_sock", None)
@@ -81,7 +88,7 @@ def _evict_idle(client: CallosumClient, conn: _Conn) -> None:
     # for. Any of them makes the connection unfit to lend.
     if conn.state == IDLE:
         client._evicted += 1
-        client._drop(conn, "evicted by watcher")
+        client._fail(conn, "evicted by watcher", evicted=True)
 
 
 class _Lease:
@@ -217,6 +224,7 @@ class CallosumClient:
         self._kept = self._turned_down = self._replaced = 0
         self._evicted = self._dead_at_handout = self._dead_at_return = 0
         self._discarded = self._waits = self._timeouts = 0
+        self._early_deaths = self._retired = 0
         _clients.add(self)
 
     # -- properties --------------------------------------------------------
@@ -248,12 +256,14 @@ class CallosumClient:
 
     # -- offering ----------------------------------------------------------
 
-    def new_connection(self, slot: int, sock: Any) -> bool:
+    def new_connection(self, slot: int, sock: Any, *, server: Hashable = None) -> bool:
         """Keep ``sock`` (True) or close it (False), as its ``slot`` merits.
 
         Below ``max_slots`` every connection is kept. At ``max_slots`` one
         is kept only if its slot is lower than the highest slot held, and that
         highest one is retired: closed now if idle, or when handed back.
+        ``server`` names the server ``sock`` is connected to (any hashable id,
+        as a rover knows it); by default its peer address, ``"host:port"``.
         A bad argument raises and leaves ``sock`` open for the caller.
         """
         if isinstance(slot, bool) or not isinstance(slot, int):
@@ -268,13 +278,19 @@ class CallosumClient:
             raise ValueError("sock is closed")
         if sock in self._conns:
             raise ValueError("sock is already pooled by this client")
+        try:
+            hash(server)
+        except TypeError:
+            raise TypeError(f"server must be hashable, not {type(server).__name__}") from None
+        if server is None:
+            server = _peer_name(sock)
         if self._closed:
             _close_quietly(sock)
             self._turned_down += 1
             return False
         # Before admitting it, so that nothing here can strand a counted slot.
         self._set_keepalive(sock)
-        conn = _Conn(slot, sock, fd)
+        conn = _Conn(slot, sock, fd, self._state.server(server))
         kept, displaced = self._state.admit(conn)
         if not kept:
             self._turned_down += 1
@@ -330,10 +346,11 @@ class CallosumClient:
         if conn is not None and not conn.poll(0):
             conn.io.stop()
             conn.lent_at = self._loop.iteration
+            conn.lent_time = _clock()
             return conn.item
         if conn is not None:
             self._dead_at_handout += 1
-            self._drop(conn, "found dead at hand-out")
+            self._fail(conn, "found dead at hand-out")
         sock = self._take_idle()
         return sock if sock is not None else self._wait(timeout)
 
@@ -343,9 +360,10 @@ class CallosumClient:
             if not conn.poll(0):
                 conn.io.stop()
                 conn.lent_at = self._loop.iteration
+                conn.lent_time = _clock()
                 return conn.item
             self._dead_at_handout += 1
-            self._drop(conn, "found dead at hand-out")
+            self._fail(conn, "found dead at hand-out")
         return None
 
     def connection(self, timeout: float | None = None) -> _Lease:
@@ -368,6 +386,7 @@ class CallosumClient:
             conn = self._lent(sock)  # raises, naming the argument
         if conn is None or conn.state != LEASED:
             if conn is not None and conn.state == RETIRED:
+                conn.server.lease(_clock() - conn.lent_time)
                 self._drop(conn, "retired")
                 return
             raise ValueError("sock is not lent from this client")
@@ -376,8 +395,9 @@ class CallosumClient:
             self._drop(conn, "client closed")
         elif sock._sock is not raw if raw is not None else sock.fileno() != conn.fd:
             self._dead_at_return += 1
-            self._drop(conn, "found dead at return")
+            self._fail(conn, "found dead at return")
         elif self._state.waiters:
+            conn.server.lease(_clock() - conn.lent_time)
             self._release(conn)  # the waiter checks it when it wakes: one poll, not two
         elif (
             # Checked at hand-out in this same turn of the hub: the FIN a poll
@@ -386,8 +406,9 @@ class CallosumClient:
             (conn.lent_at != self._loop.iteration or conn.lent_at < 0) and conn.poll(0)
         ):
             self._dead_at_return += 1
-            self._drop(conn, "found dead at return")
+            self._fail(conn, "found dead at return")
         else:
+            conn.server.lease(_clock() - conn.lent_time)
             self._state.restore(conn)
             conn.io.start(conn.wake)
 
@@ -411,7 +432,7 @@ class CallosumClient:
                 return
             raise ValueError("sock is not lent from this client")
         self._discarded += 1
-        self._drop(conn, "discarded")
+        self._fail(conn, "discarded")
 
     # -- waiting -----------------------------------------------------------
 
@@ -484,13 +505,20 @@ class CallosumClient:
             self._drop(conn, "retired or client closed")
         elif conn.poll(0):
             self._dead_at_handout += 1
-            self._drop(conn, "found dead at hand-out")
+            self._fail(conn, "found dead at hand-out")
         else:
             conn.lent_at = self._loop.iteration
+            conn.lent_time = _clock()
             return conn.item
         return None
 
     # -- closing -----------------------------------------------------------
+
+    def _fail(self, conn: _Conn, why: str, *, evicted: bool = False) -> None:
+        # Found dead or discarded: count it against its server, then drop it.
+        if conn.server.died(_clock() - conn.born, evicted=evicted):
+            self._early_deaths += 1
+        self._drop(conn, why)
 
     def _drop(self, conn: _Conn, why: str) -> None:
         self._state.remove(conn)
@@ -533,6 +561,34 @@ class CallosumClient:
         self._state = PoolState[_Conn, _Waiter](self._max_slots)
         self._state.waiters = waiters
 
+    def retire_server(self, server: Hashable) -> int:
+        """Retire every connection to ``server``; return how many.
+
+        Idle ones are closed now, lent ones when handed back; their slots are
+        free at once. A server this client does not know returns 0.
+        """
+        try:
+            known = self._state.servers.get(server)
+        except TypeError:
+            raise TypeError(f"server must be hashable, not {type(server).__name__}") from None
+        if known is None:
+            return 0
+        count = 0
+        for conn in list(known.entries):
+            if conn.state not in (IDLE, LEASED):
+                continue  # already retired: it is closed when handed back
+            count += 1
+            if self._state.retire(conn):
+                self._close(conn)
+        self._retired += count
+        if count:
+            _log.debug("retired %d connections to %r", count, server)
+        return count
+
+    def ready(self) -> bool:
+        """Tell whether the client is open and holds at least one live connection."""
+        return not self._closed and self._state.slot_count > 0
+
     def __enter__(self) -> CallosumClient:
         return self
 
@@ -551,6 +607,8 @@ class CallosumClient:
             "dead_at_handout": self._dead_at_handout,
             "dead_at_return": self._dead_at_return,
             "discarded": self._discarded,
+            "early_deaths": self._early_deaths,
+            "retired": self._retired,
             "waits": self._waits,
             "timeouts": self._timeouts,
             "slots": self._state.slot_count,
@@ -559,6 +617,20 @@ class CallosumClient:
             "waiting": len(self._state.waiters),
         }
 
+    def server_stats(self) -> dict[Hashable, dict[str, int | float | None]]:
+        """Break connections, leases and failures down by server id.
+
+        Per server: ``connections`` holding a slot, ``idle``, ``leased``
+        (retired ones included), ``latency_ms`` (decaying average lease time,
+        None until a lease was returned), ``leases_total`` (leases handed back),
+        ``errors_total`` (found dead at hand-out or return, or discarded),
+        ``evictions_total`` (closed by its watcher while idle),
+        ``early_deaths_total`` (errors and evictions within a few seconds of
+        admission) and ``retired_total`` (given up on purpose: replaced by a
+        lower slot, or retired).
+        """
+        return self._state.server_stats()
+
     def __repr__(self) -> str:
         state = self._state
         closed = " closed" if self._closed else ""
@@ -566,6 +638,18 @@ class CallosumClient:
             f"<CallosumClient{closed} slots={state.slot_count}/{self._max_slots} "
             f"idle={state.idle_count} leased={state.leased_count} waiting={len(state.waiters)}>"
         )
+
+
+def _peer_name(sock: Any) -> str:
+    """Name a connection's server by its peer address: ``host:port``, ``[v6]:port``."""
+    try:
+        peer = sock.getpeername()
+    except (AttributeError, OSError):
+        return "unknown"
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peer) if peer else "unknown"
 
 
 def _close_quietly(sock: Any) -> None:

@@ -20,8 +20,11 @@ operation O(log n) amortised with at most n stale keys, never unbounded growth.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Hashable
 from heapq import heapify, heappop, heappush
 from typing import Any, Final, Generic, TypeVar
+
+from ._servers import Server
 
 IDLE: Final = 0
 LEASED: Final = 1
@@ -37,15 +40,19 @@ W = TypeVar("W")
 class Entry:
     """One connection as the bookkeeping sees it."""
 
-    __slots__ = ("_high", "_low", "item", "slot", "state")
+    __slots__ = ("_high", "_low", "item", "server", "slot", "state")
 
     _low: tuple[int, int, Entry]
     _high: tuple[int, int, Entry]
+    server: Server
 
-    def __init__(self, slot: int, item: object) -> None:
+    def __init__(self, slot: int, item: object, server: Server | None = None) -> None:
         self.slot = slot
         self.item = item
         self.state = LEASED
+        # Without one, the state files it under the server id None at admission.
+        if server is not None:
+            self.server = server
 
     def __repr__(self) -> str:
         state = ("idle", "leased", "retired", "closed")[self.state]
@@ -68,6 +75,7 @@ class PoolState(Generic[E, W]):
         "_stale_idle",
         "max_slots",
         "retired_count",
+        "servers",
         "slot_count",
         "waiters",
     )
@@ -85,6 +93,15 @@ class PoolState(Generic[E, W]):
         self._stale_high = 0
         self._seq = 0
         self.waiters: OrderedDict[W, None] = OrderedDict()
+        # Every server a connection was ever offered from, by its id.
+        self.servers: dict[Hashable, Server] = {}
+
+    def server(self, server_id: Hashable) -> Server:
+        """Return the bookkeeping of ``server_id``, creating it on first use."""
+        server = self.servers.get(server_id)
+        if server is None:
+            server = self.servers[server_id] = Server(server_id)
+        return server
 
     # -- connections -------------------------------------------------------
 
@@ -96,6 +113,8 @@ class PoolState(Generic[E, W]):
         by the caller; a displaced LEASED one is now RETIRED.
         """
         displaced = None
+        if getattr(entry, "server", None) is None:
+            entry.server = self.server(None)
         if self.slot_count >= self.max_slots:
             high = self._high
             while high[0][2].state >= RETIRED:
@@ -106,8 +125,10 @@ class PoolState(Generic[E, W]):
                 return False, None
             heappop(high)
             self.slot_count -= 1
+            worst.server.retired += 1
             if worst.state == IDLE:
                 worst.state = CLOSED
+                worst.server.entries.discard(worst)
                 self._note_stale_idle()
             else:
                 worst.state = RETIRED
@@ -119,6 +140,7 @@ class PoolState(Generic[E, W]):
         entry._high = high_key = (-entry.slot, -seq, item)
         entry.state = LEASED
         self.slot_count += 1
+        entry.server.entries.add(entry)
         heappush(self._high, high_key)
         return True, displaced
 
@@ -144,17 +166,40 @@ class PoolState(Generic[E, W]):
         if state == CLOSED:
             return
         entry.state = CLOSED
+        entry.server.entries.discard(entry)
         if state == IDLE:
             self._note_stale_idle()
         if state == RETIRED:
             self.retired_count -= 1
         else:
             self.slot_count -= 1
-            self._stale_high += 1
-            if self._stale_high > _COMPACT_MIN and self._stale_high * 2 > len(self._high):
-                self._high = [key for key in self._high if key[2].state < RETIRED]
-                heapify(self._high)
-                self._stale_high = 0
+            self._note_stale_high()
+
+    def retire(self, entry: E) -> bool:
+        """Give up a slot holder on purpose; return whether it is now CLOSED.
+
+        An IDLE entry is CLOSED and must be closed by the caller; a LEASED one
+        is RETIRED, closed when handed back. Anything else is left alone.
+        """
+        state = entry.state
+        if state == IDLE:
+            entry.server.retired += 1
+            self.remove(entry)
+            return True
+        if state == LEASED:
+            entry.server.retired += 1
+            entry.state = RETIRED
+            self.slot_count -= 1
+            self.retired_count += 1
+            self._note_stale_high()
+        return False
+
+    def _note_stale_high(self) -> None:
+        self._stale_high += 1
+        if self._stale_high > _COMPACT_MIN and self._stale_high * 2 > len(self._high):
+            self._high = [key for key in self._high if key[2].state < RETIRED]
+            heapify(self._high)
+            self._stale_high = 0
 
     def _note_stale_idle(self) -> None:
         self._stale_idle += 1
@@ -176,6 +221,26 @@ class PoolState(Generic[E, W]):
     def idle_entries(self) -> list[E]:
         """List the idle connections, lowest slot first (O(n log n))."""
         return [key[2] for key in sorted(self._idle) if key[2].state == IDLE]
+
+    def server_stats(self) -> dict[Hashable, dict[str, int | float | None]]:
+        """Break connections, leases, latency and failures down by server."""
+        report: dict[Hashable, dict[str, int | float | None]] = {}
+        for server_id, server in self.servers.items():
+            states = [entry.state for entry in server.entries]
+            idle = states.count(IDLE)
+            leased = states.count(LEASED)
+            report[server_id] = {
+                "connections": idle + leased,
+                "idle": idle,
+                "leased": leased + states.count(RETIRED),
+                "latency_ms": server.avg * 1000.0 if server.measured else None,
+                "leases_total": server.leases,
+                "errors_total": server.errors,
+                "evictions_total": server.evictions,
+                "early_deaths_total": server.early_deaths,
+                "retired_total": server.retired,
+            }
+        return report
 
     def heap_sizes(self) -> tuple[int, int]:
         """Return the lengths of the idle and slot heaps, stale keys included."""
