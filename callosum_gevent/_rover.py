@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import logging
 import math
@@ -48,9 +49,39 @@ _COUNTERS = (
 
 
 class ConnectionSink(Protocol):
-    """What a rover feeds: CallosumClient, or anything with this method."""
+    """What a rover feeds: CallosumClient, or anything with this method.
+
+    Optional extras a rover uses when the sink has them: a ``server``
+    keyword on ``new_connection`` (the rover passes its server id),
+    ``retire_server(server_id)`` (called by :meth:`Rover.drop_server` and
+    :meth:`Rover.set_address`) and ``server_stats()`` (its
+    ``early_deaths_total`` per server lets the rover back off sinkholes).
+    """
 
     def new_connection(self, slot: int, sock: socket.socket) -> bool: ...
+
+
+def _takes_keyword(method: Callable[..., Any], name: str) -> bool:
+    """Tell whether *method* declares a parameter *name* that can be passed by keyword.
+
+    A bare ``**kwargs`` does not count: a wrapper that forwards it to a sink
+    with the two-argument method would fail on every call.
+    """
+    try:
+        parameter = inspect.signature(method).parameters.get(name)
+    except (TypeError, ValueError):  # no signature to read (a builtin, say)
+        return False
+    return parameter is not None and parameter.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.KEYWORD_ONLY,
+    )
+
+
+def _check_server_id(server_id: object) -> None:
+    try:
+        hash(server_id)
+    except TypeError:
+        raise TypeError(f"server_id must be hashable, got {type(server_id).__name__}") from None
 
 
 def _host_problem(host: str) -> str | None:
@@ -163,7 +194,7 @@ def _check_number(
 class _Endpoint:
     """One resolved address of a server, with its own backoff."""
 
-    server_id: Hashable
+    server: _Server
     family: int
     sockaddr: tuple[Any, ...]
     # Failed attempts since the last success: while above 0 the endpoint is
@@ -172,6 +203,10 @@ class _Endpoint:
     due: float = 0.0  # monotonic time before which it is not tried
     in_flight: int = 0
     tried: bool = False  # a new server is tried at once, not at the next interval
+
+    @property
+    def server_id(self) -> Hashable:
+        return self.server.id
 
     @property
     def address(self) -> tuple[str, int]:
@@ -236,8 +271,10 @@ class Rover:
     up. ``start`` on a running rover does nothing. ``rove()`` runs in the
     caller's greenlet and is not stopped by ``stop``.
 
-    :param client: receives ``client.new_connection(slot, sock)``; it owns the
-        socket from then on, whatever it returns.
+    :param client: receives ``client.new_connection(slot, sock)``, plus
+        ``server=server_id`` if that method declares a ``server`` parameter
+        (checked once, here); it owns the socket from then on, whatever it
+        returns.
     :param servers: ``{server_id: address}``; an address is ``(host, port)``,
         ``"host:port"`` or ``"[ipv6]:port"``.
     :param connect_timeout: bound on connecting, including a TLS handshake.
@@ -267,7 +304,8 @@ class Rover:
         server_hostname: str | None = None,
         on_unreachable: UnreachableCallback | None = None,
     ) -> None:
-        if not callable(getattr(client, "new_connection", None)):
+        new_connection = getattr(client, "new_connection", None)
+        if not callable(new_connection):
             raise TypeError("client must have a new_connection(slot, sock) method")
         if servers is None:
             servers = {}
@@ -312,6 +350,12 @@ class Rover:
             raise TypeError("on_unreachable must be callable")
 
         self._client = client
+        # Looked up once: the sink may be another implementation without them.
+        self._pass_server = _takes_keyword(new_connection, "server")
+        retire_server = getattr(client, "retire_server", None)
+        self._retire_server: Callable[[Hashable], object] | None = (
+            retire_server if callable(retire_server) else None
+        )
         self._interval = float(interval)
         self._connect_timeout = float(connect_timeout)
         self._slot_timeout = float(slot_timeout)
@@ -393,19 +437,60 @@ class Rover:
 
     def add_server(self, server_id: Hashable, address: Address) -> None:
         """Add a server to rove to; raise ValueError if *server_id* is already known."""
-        if not isinstance(server_id, Hashable):
-            raise TypeError(f"server_id must be hashable, got {type(server_id).__name__}")
+        _check_server_id(server_id)
         host, port = parse_address(address)
         if server_id in self._servers:
             raise ValueError(f"server_id {server_id!r} is already known")
         self._servers[server_id] = _Server(server_id, host, port)
         self._wakeup.set()
 
-    def drop_server(self, server_id: Hashable) -> None:
-        """Stop roving to a server; connections to it already pooled stay."""
-        if not isinstance(server_id, Hashable) or server_id not in self._servers:
-            raise ValueError(f"server_id {server_id!r} is not known")
+    def drop_server(self, server_id: Hashable, *, retire: bool = True) -> None:
+        """Stop roving to a server and, unless *retire* is false, retire its connections.
+
+        Retiring calls ``client.retire_server(server_id)`` if the client has
+        it (CallosumClient closes idle connections now and lent ones when they
+        are handed back). A connection to the server still being set up is
+        closed, not offered.
+        """
+        self._known(server_id)
+        if not isinstance(retire, bool):
+            raise TypeError(f"retire must be a bool, got {type(retire).__name__}")
         del self._servers[server_id]
+        if retire:
+            self._retire(server_id)
+
+    def set_address(self, server_id: Hashable, address: Address, *, retire: bool = True) -> None:
+        """Move a known server to *address*; unless *retire* is false, retire its connections.
+
+        The rover stops connecting to the old address at once (a connection
+        to it still being set up is closed, not offered), looks the new one
+        up afresh and tries it at once, with no backoff. Retiring works as in
+        :meth:`drop_server`. Setting the address a server already has
+        changes nothing.
+        """
+        server = self._known(server_id)
+        host, port = parse_address(address)
+        if not isinstance(retire, bool):
+            raise TypeError(f"retire must be a bool, got {type(retire).__name__}")
+        if (host, port) == (server.host, server.port):
+            return
+        self._servers[server_id] = _Server(server_id, host, port)
+        if retire:
+            self._retire(server_id)
+        self._wakeup.set()
+
+    def _known(self, server_id: Hashable) -> _Server:
+        _check_server_id(server_id)
+        server = self._servers.get(server_id)
+        if server is None:
+            raise ValueError(f"server_id {server_id!r} is not known")
+        return server
+
+    def _retire(self, server_id: Hashable) -> None:
+        if self._retire_server is None:
+            return
+        retired = self._retire_server(server_id)
+        _log.debug("rover: server %r: client retired %s connections", server_id, retired)
 
     @property
     def running(self) -> bool:
@@ -544,7 +629,7 @@ class Rover:
         old = {ep.sockaddr: ep for ep in server.endpoints}
         fresh = {info[4]: info[0] for info in infos}
         server.endpoints = [
-            old.get(sockaddr) or _Endpoint(server.id, family, sockaddr)
+            old.get(sockaddr) or _Endpoint(server, family, sockaddr)
             for sockaddr, family in fresh.items()
         ]
         server.resolve_failures = 0
@@ -571,6 +656,16 @@ class Rover:
                     sock = self._wrap(sock, endpoint)
                     sock.do_handshake()
             slot = read_slot_line(sock, self._slot_timeout, self._max_slot)
+            if self._servers.get(endpoint.server_id) is not endpoint.server:
+                # Dropped or moved while this attempt was in flight: the
+                # client may already have retired its connections to it.
+                _log.debug(
+                    "rover: server %r at %s: gone, slot %d closed",
+                    endpoint.server_id,
+                    endpoint.address,
+                    slot,
+                )
+                return None
             offered, sock = sock, None
         except ProtocolError as exc:
             self._endpoint_failed(endpoint, "protocol_errors", exc)
@@ -597,8 +692,7 @@ class Rover:
     def _wrap(self, sock: Any, endpoint: _Endpoint) -> Any:
         hostname = self._server_hostname
         if hostname is None:
-            server = self._servers.get(endpoint.server_id)
-            hostname = server.host if server is not None else endpoint.address[0]
+            hostname = endpoint.server.host
         # gevent's SSLSocket accepts a plain ssl.SSLContext; its wrap_socket
         # would build a blocking stdlib socket instead.
         return gevent.ssl.SSLSocket(
@@ -612,7 +706,10 @@ class Rover:
         """Hand *sock* to the client; return False if it raised instead of answering."""
         server_id, address = endpoint.server_id, endpoint.address
         try:
-            kept = self._client.new_connection(slot, sock)
+            if self._pass_server:
+                kept = self._client.new_connection(slot, sock, server=server_id)  # type: ignore[call-arg]
+            else:
+                kept = self._client.new_connection(slot, sock)
         except PoolClosed:
             sock.close()
             _log.info("rover: client closed, roving ends")
@@ -653,9 +750,8 @@ class Rover:
 
     def _endpoint_failed(self, endpoint: _Endpoint, kind: str, exc: Exception) -> None:
         first = self._back_off(endpoint)
-        server = self._servers.get(endpoint.server_id)
-        if server is not None and kind == "connect_errors":
-            server.resolve_due = 0.0  # the name may point elsewhere now
+        if kind == "connect_errors":
+            endpoint.server.resolve_due = 0.0  # the name may point elsewhere now
         warn = first and endpoint.failures == 1
         self._failed(endpoint.server_id, endpoint.address, kind, exc, warn)
 
