@@ -21,6 +21,7 @@ import gevent.pool
 import gevent.ssl
 from gevent import socket as gsocket
 
+from ._servers import EARLY_DEATH_S
 from ._slotline import DEFAULT_MAX_SLOT, read_slot_line
 from .errors import PoolClosed, ProtocolError
 
@@ -45,7 +46,12 @@ _COUNTERS = (
     "resolves",
     "resolve_errors",
     "client_errors",
+    "early_deaths",
 )
+
+#: After the client keeps a connection, the rover reads its early deaths
+#: this long: a death is reported a moment after it happens.
+_YOUNG = 2 * EARLY_DEATH_S
 
 
 class ConnectionSink(Protocol):
@@ -203,6 +209,10 @@ class _Endpoint:
     due: float = 0.0  # monotonic time before which it is not tried
     in_flight: int = 0
     tried: bool = False  # a new server is tried at once, not at the next interval
+    # Monotonic times of the last connection the client kept from here and of
+    # the last failure (a connection that died early counts as one).
+    kept_at: float = -math.inf
+    failed_at: float = -math.inf
 
     @property
     def server_id(self) -> Hashable:
@@ -222,10 +232,41 @@ class _Server:
     resolve_due: float = 0.0  # monotonic time when the host name is looked up again
     resolve_failures: int = 0
     resolving: bool = False
+    # The client's early_deaths_total for this id when last read (None: unknown).
+    deaths_seen: int | None = None
 
     @property
     def lookup_host(self) -> str:
         return _lookup_form(self.host)
+
+
+def _early_deaths(report: Mapping[Hashable, Any], server_id: Hashable) -> int | None:
+    """Return ``early_deaths_total`` for *server_id* from a client's server_stats()."""
+    entry = report.get(server_id)
+    deaths = entry.get("early_deaths_total") if isinstance(entry, Mapping) else None
+    return deaths if isinstance(deaths, int) and not isinstance(deaths, bool) else None
+
+
+def _after_slot_line(sock: Any) -> str | None:
+    """Return what is wrong if the server already closed or spoke after its slot line.
+
+    Looks without waiting: a sinkhole whose FIN or greeting came with its
+    slot line is refused here; one a moment later is left to the client's
+    early-death count.
+    """
+    if isinstance(sock, ssl.SSLSocket | gevent.ssl.SSLSocket):
+        # TLS records such as session tickets may follow the handshake: only
+        # decrypted bytes are the server speaking.
+        return "bytes nobody asked for" if sock.pending() else None
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)
+    try:
+        ahead = sock.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return None
+    finally:
+        sock.settimeout(timeout)
+    return "bytes nobody asked for" if ahead else "the connection closed"
 
 
 def _probing(endpoint: _Endpoint) -> bool:
@@ -265,6 +306,18 @@ class Rover:
 
     Host names (and ``server_hostname``) are checked when given: a name with
     an empty or overlong DNS label, or whitespace, raises ValueError.
+
+    A sinkhole (a server that sends its slot line, then closes, fails or
+    speaks unasked) is backed off like an unreachable one. The rover refuses
+    a connection whose FIN or stray bytes arrived with the slot line
+    (``protocol_errors``); one that dies a moment later is seen in the
+    client's ``server_stats()[server_id]["early_deaths_total"]`` (when the
+    client has ``server_stats``), which the rover reads while connections
+    it handed over are young: new early deaths back off the addresses that
+    supplied them (``early_deaths``). After any failure an address stays on
+    probation: one connection at a time, the next only once the last has
+    outlived the client's early-death window (3 s) with no new early death,
+    after which it is trusted again at full speed.
 
     Nothing runs until :meth:`start` (or ``with rover:``); :meth:`stop` ends
     every greenlet the rover started and closes connections still being set
@@ -356,6 +409,10 @@ class Rover:
         self._retire_server: Callable[[Hashable], object] | None = (
             retire_server if callable(retire_server) else None
         )
+        server_stats = getattr(client, "server_stats", None)
+        self._server_stats: Callable[[], Mapping[Hashable, Any]] | None = (
+            server_stats if callable(server_stats) else None
+        )
         self._interval = float(interval)
         self._connect_timeout = float(connect_timeout)
         self._slot_timeout = float(slot_timeout)
@@ -370,6 +427,7 @@ class Rover:
 
         self._servers = {id_: _Server(id_, *hp) for id_, hp in parsed.items()}
         self._counts: Counter[str] = Counter(dict.fromkeys(_COUNTERS, 0))
+        self._note_deaths_so_far(*self._servers.values())
         self._failures: Counter[Hashable] = Counter()
         self._pool = gevent.pool.Pool(fill_concurrency)
         self._loop: gevent.Greenlet | None = None
@@ -441,7 +499,8 @@ class Rover:
         host, port = parse_address(address)
         if server_id in self._servers:
             raise ValueError(f"server_id {server_id!r} is already known")
-        self._servers[server_id] = _Server(server_id, host, port)
+        self._servers[server_id] = server = _Server(server_id, host, port)
+        self._note_deaths_so_far(server)
         self._wakeup.set()
 
     def drop_server(self, server_id: Hashable, *, retire: bool = True) -> None:
@@ -474,7 +533,8 @@ class Rover:
             raise TypeError(f"retire must be a bool, got {type(retire).__name__}")
         if (host, port) == (server.host, server.port):
             return
-        self._servers[server_id] = _Server(server_id, host, port)
+        self._servers[server_id] = moved = _Server(server_id, host, port)
+        moved.deaths_seen = server.deaths_seen
         if retire:
             self._retire(server_id)
         self._wakeup.set()
@@ -498,7 +558,13 @@ class Rover:
         return self._loop is not None and not self._loop.dead
 
     def stats(self) -> dict[str, Any]:
-        """Return counters, per-server failures and the current shape of the server list."""
+        """Return counters, per-server failures and the current shape of the server list.
+
+        Counters: ``attempts``, ``kept``, ``turned_down``, ``connect_errors``,
+        ``protocol_errors``, ``resolves``, ``resolve_errors``,
+        ``client_errors`` (the client raised) and ``early_deaths`` (handed-over
+        connections the client reports dead within its early-death window).
+        """
         now = time.monotonic()
         endpoints = self._endpoints()
         return {
@@ -640,6 +706,7 @@ class Rover:
         return delay * random.uniform(0.5, 1.0)
 
     def _attempt(self, force: bool) -> int | None:
+        self._watch_deaths()
         endpoint = self._pick(force)
         if endpoint is None:
             return None
@@ -656,6 +723,9 @@ class Rover:
                     sock = self._wrap(sock, endpoint)
                     sock.do_handshake()
             slot = read_slot_line(sock, self._slot_timeout, self._max_slot)
+            problem = _after_slot_line(sock)
+            if problem is not None:
+                raise ProtocolError(f"slot {slot}, then {problem}")
             if self._servers.get(endpoint.server_id) is not endpoint.server:
                 # Dropped or moved while this attempt was in flight: the
                 # client may already have retired its connections to it.
@@ -681,12 +751,23 @@ class Rover:
             # Still set only if the attempt failed or was killed (stop()).
             if sock is not None:
                 sock.close()
-        if self._offer(slot, offered, endpoint):
-            endpoint.failures, endpoint.due = 0, 0.0
-        else:
+        kept = self._offer(slot, offered, endpoint)
+        now = time.monotonic()
+        if kept is None:
             # The client rejected it outright (a slot above its ceiling, say):
             # back off rather than refill from this server at full speed.
             self._back_off(endpoint)
+            return slot
+        if kept:
+            endpoint.kept_at = now
+        if endpoint.failures and self._server_stats is not None:
+            # A slot line is no proof: a sinkhole sends one too. The endpoint
+            # stays on probation, one probe at a time, until a connection
+            # outlives the early-death window (see _watch_deaths).
+            wait = EARLY_DEATH_S if kept else self._backoff(endpoint.failures)
+            endpoint.due = now + wait
+        else:
+            endpoint.failures, endpoint.due = 0, 0.0
         return slot
 
     def _wrap(self, sock: Any, endpoint: _Endpoint) -> Any:
@@ -702,8 +783,8 @@ class Rover:
             _context=self._ssl_context,
         )
 
-    def _offer(self, slot: int, sock: Any, endpoint: _Endpoint) -> bool:
-        """Hand *sock* to the client; return False if it raised instead of answering."""
+    def _offer(self, slot: int, sock: Any, endpoint: _Endpoint) -> bool | None:
+        """Hand *sock* to the client; return whether it kept it, or None if it raised."""
         server_id, address = endpoint.server_id, endpoint.address
         try:
             if self._pass_server:
@@ -715,7 +796,7 @@ class Rover:
             _log.info("rover: client closed, roving ends")
             self._client_closed = True
             self._wakeup.set()
-            return True
+            return False
         except Exception:
             # A faulty client must not end the rover; the socket is ours again.
             sock.close()
@@ -726,7 +807,7 @@ class Rover:
                 address,
                 slot,
             )
-            return False
+            return None
         self._counts["kept" if kept else "turned_down"] += 1
         _log.debug(
             "rover: server %r at %s: slot %d %s",
@@ -735,7 +816,7 @@ class Rover:
             slot,
             "kept" if kept else "turned down",
         )
-        return True
+        return bool(kept)
 
     def _back_off(self, endpoint: _Endpoint) -> bool:
         """Push *endpoint*'s next try back one step; return False if it already was."""
@@ -745,6 +826,7 @@ class Rover:
         if endpoint.due > now:
             return False
         endpoint.failures += 1
+        endpoint.failed_at = now
         endpoint.due = now + self._backoff(endpoint.failures)
         return True
 
@@ -755,6 +837,82 @@ class Rover:
         warn = first and endpoint.failures == 1
         self._failed(endpoint.server_id, endpoint.address, kind, exc, warn)
 
+    # -- sinkholes: connections that die young ---------------------------
+
+    def _read_deaths(self) -> Mapping[Hashable, Any] | None:
+        """Return the client's per-server stats, or None if it has none to give."""
+        if self._server_stats is None:
+            return None
+        try:
+            return self._server_stats()
+        except Exception:
+            # A broken server_stats stays broken: log it once, then do without.
+            self._server_stats = None
+            self._counts["client_errors"] += 1
+            _log.exception("rover: client.server_stats() raised; sinkholes go undetected")
+            return None
+
+    def _note_deaths_so_far(self, *servers: _Server) -> None:
+        """Record the client's early deaths for *servers* before the rover feeds them."""
+        report = self._read_deaths() if servers else None
+        if report is None:
+            return
+        for server in servers:
+            # A server the client has not heard of yet starts from zero.
+            server.deaths_seen = _early_deaths(report, server.id) or 0
+
+    def _watch_deaths(self) -> None:
+        """Treat endpoints whose fresh connections die young as failing; clear proven ones.
+
+        Reads the client's ``early_deaths_total`` per server, only while some
+        connection the client kept is young or some endpoint is on probation.
+        """
+        if self._server_stats is None:
+            return
+        now = time.monotonic()
+        watched = {
+            ep.server
+            for ep in self._endpoints()
+            if ep.kept_at > now - _YOUNG or (ep.failures and ep.kept_at > ep.failed_at)
+        }
+        report = self._read_deaths() if watched else None
+        if report is None:
+            return
+        for server in watched:
+            deaths = _early_deaths(report, server.id)
+            if deaths is None:
+                continue
+            seen, server.deaths_seen = server.deaths_seen, deaths
+            if seen is None or deaths < seen:  # a new baseline (the client was reset)
+                continue
+            if deaths > seen:
+                self._died_young(server, deaths - seen, now)
+                continue
+            for ep in server.endpoints:
+                if ep.failures and ep.kept_at > ep.failed_at and now - ep.kept_at >= EARLY_DEATH_S:
+                    # Its connection outlived the window with no early death: healthy again.
+                    ep.failures, ep.due = 0, 0.0
+                    _log.info(
+                        "rover: server %r at %s: connections last again", server.id, ep.address
+                    )
+
+    def _died_young(self, server: _Server, deaths: int, now: float) -> None:
+        """Back off the endpoints of *server* that had connections kept since their last failure."""
+        self._counts["early_deaths"] += deaths
+        # The client counts per server id, not per address: blame the addresses
+        # that had a connection kept lately and since their last failure.
+        # Deaths with none to blame are stragglers of a batch already counted.
+        for ep in server.endpoints:
+            if ep.kept_at <= ep.failed_at or ep.kept_at <= now - _YOUNG:
+                continue
+            ep.failures += 1
+            ep.failed_at = now
+            ep.due = now + self._backoff(ep.failures)
+            exc = ProtocolError(
+                f"{deaths} connection(s) died within {EARLY_DEATH_S:g} s of admission"
+            )
+            self._failed(server.id, ep.address, "early_deaths", exc, ep.failures == 1, count=0)
+
     def _failed(
         self,
         server_id: Hashable,
@@ -762,8 +920,9 @@ class Rover:
         kind: str,
         exc: Exception,
         warn: bool = True,
+        count: int = 1,
     ) -> None:
-        self._counts[kind] += 1
+        self._counts[kind] += count
         self._failures[server_id] += 1
         # Warn when a server starts failing; repeats while it stays down are noise.
         level = logging.WARNING if warn else logging.DEBUG

@@ -293,6 +293,13 @@ BAD_SERVERS = [
     pytest.param(send_segments([b"1"] * 50, gap=0.05), "protocol_errors", id="slow-drip"),
     pytest.param(lambda sock: sock.shutdown(stdsocket.SHUT_WR), "protocol_errors", id="eof"),
     pytest.param(reset, "connect_errors", id="reset"),
+    # Sinkholes the rover sees itself: the FIN or a greeting came with the slot line.
+    pytest.param(send_segments([b"0\r\nHELLO\r\n"]), "protocol_errors", id="slot-then-greeting"),
+    pytest.param(
+        lambda sock: (sock.sendall(b"0\r\n"), sock.shutdown(stdsocket.SHUT_WR)),
+        "protocol_errors",
+        id="slot-then-eof",
+    ),
 ]
 
 
