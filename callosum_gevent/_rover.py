@@ -209,9 +209,11 @@ class _Endpoint:
     due: float = 0.0  # monotonic time before which it is not tried
     in_flight: int = 0
     tried: bool = False  # a new server is tried at once, not at the next interval
-    # Monotonic times of the last connection the client kept from here and of
-    # the last failure (a connection that died early counts as one).
+    # Monotonic times of the last connection the client kept from here, of the
+    # first one kept since the last failure (a connection that died early
+    # counts as one), and of that failure.
     kept_at: float = -math.inf
+    trial_at: float = -math.inf
     failed_at: float = -math.inf
 
     @property
@@ -232,19 +234,22 @@ class _Server:
     resolve_due: float = 0.0  # monotonic time when the host name is looked up again
     resolve_failures: int = 0
     resolving: bool = False
-    # The client's early_deaths_total for this id when last read (None: unknown).
+    # The client's early_deaths_total and leases_total for this id when last
+    # read (None: unknown), and when a lease was last seen to end on it.
     deaths_seen: int | None = None
+    leases_seen: int | None = None
+    lease_seen_at: float = -math.inf
 
     @property
     def lookup_host(self) -> str:
         return _lookup_form(self.host)
 
 
-def _early_deaths(report: Mapping[Hashable, Any], server_id: Hashable) -> int | None:
-    """Return ``early_deaths_total`` for *server_id* from a client's server_stats()."""
+def _counter(report: Mapping[Hashable, Any], server_id: Hashable, name: str) -> int | None:
+    """Return counter *name* of *server_id* from a client's server_stats(), if it has one."""
     entry = report.get(server_id)
-    deaths = entry.get("early_deaths_total") if isinstance(entry, Mapping) else None
-    return deaths if isinstance(deaths, int) and not isinstance(deaths, bool) else None
+    value = entry.get(name) if isinstance(entry, Mapping) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _after_slot_line(sock: Any) -> str | None:
@@ -314,10 +319,13 @@ class Rover:
     client's ``server_stats()[server_id]["early_deaths_total"]`` (when the
     client has ``server_stats``), which the rover reads while connections
     it handed over are young: new early deaths back off the addresses that
-    supplied them (``early_deaths``). After any failure an address stays on
-    probation: one connection at a time, the next only once the last has
-    outlived the client's early-death window (3 s) with no new early death,
-    after which it is trusted again at full speed.
+    supplied them (counted in ``early_deaths``), unless the server completed
+    a lease in the last 3 s (then the application, not the server, most
+    likely discarded them). After any failure an address stays on
+    probation: one attempt per backoff step, a success not resetting the
+    backoff, until the first connection kept since the failure has lasted
+    the client's early-death window (3 s) with no new early death; then it
+    is trusted again at full speed.
 
     Nothing runs until :meth:`start` (or ``with rover:``); :meth:`stop` ends
     every greenlet the rover started and closes connections still being set
@@ -413,6 +421,7 @@ class Rover:
         self._server_stats: Callable[[], Mapping[Hashable, Any]] | None = (
             server_stats if callable(server_stats) else None
         )
+        self._stats_read_at = -math.inf
         self._interval = float(interval)
         self._connect_timeout = float(connect_timeout)
         self._slot_timeout = float(slot_timeout)
@@ -534,7 +543,8 @@ class Rover:
         if (host, port) == (server.host, server.port):
             return
         self._servers[server_id] = moved = _Server(server_id, host, port)
-        moved.deaths_seen = server.deaths_seen
+        moved.deaths_seen, moved.leases_seen = server.deaths_seen, server.leases_seen
+        moved.lease_seen_at = server.lease_seen_at
         if retire:
             self._retire(server_id)
         self._wakeup.set()
@@ -760,12 +770,13 @@ class Rover:
             return slot
         if kept:
             endpoint.kept_at = now
+            if endpoint.trial_at <= endpoint.failed_at:
+                endpoint.trial_at = now
         if endpoint.failures and self._server_stats is not None:
             # A slot line is no proof: a sinkhole sends one too. The endpoint
-            # stays on probation, one probe at a time, until a connection
-            # outlives the early-death window (see _watch_deaths).
-            wait = EARLY_DEATH_S if kept else self._backoff(endpoint.failures)
-            endpoint.due = now + wait
+            # stays on probation, one probe per backoff step, until a
+            # connection outlives the early-death window (see _watch_deaths).
+            endpoint.due = now + self._backoff(endpoint.failures)
         else:
             endpoint.failures, endpoint.due = 0, 0.0
         return slot
@@ -853,13 +864,15 @@ class Rover:
             return None
 
     def _note_deaths_so_far(self, *servers: _Server) -> None:
-        """Record the client's early deaths for *servers* before the rover feeds them."""
+        """Record the client's counters for *servers* before the rover feeds them."""
         report = self._read_deaths() if servers else None
         if report is None:
             return
+        self._stats_read_at = time.monotonic()
         for server in servers:
             # A server the client has not heard of yet starts from zero.
-            server.deaths_seen = _early_deaths(report, server.id) or 0
+            server.deaths_seen = _counter(report, server.id, "early_deaths_total") or 0
+            server.leases_seen = _counter(report, server.id, "leases_total") or 0
 
     def _watch_deaths(self) -> None:
         """Treat endpoints whose fresh connections die young as failing; clear proven ones.
@@ -878,8 +891,18 @@ class Rover:
         report = self._read_deaths() if watched else None
         if report is None:
             return
+        read_before, self._stats_read_at = self._stats_read_at, now
+        for server in self._servers.values():
+            leases = _counter(report, server.id, "leases_total")
+            if leases is None:
+                continue
+            if server.leases_seen is not None and leases > server.leases_seen:
+                # Ended at some moment since the last read: date it no later
+                # than that read, so a stale count never masks a sinkhole.
+                server.lease_seen_at = read_before
+            server.leases_seen = leases
         for server in watched:
-            deaths = _early_deaths(report, server.id)
+            deaths = _counter(report, server.id, "early_deaths_total")
             if deaths is None:
                 continue
             seen, server.deaths_seen = server.deaths_seen, deaths
@@ -889,8 +912,12 @@ class Rover:
                 self._died_young(server, deaths - seen, now)
                 continue
             for ep in server.endpoints:
-                if ep.failures and ep.kept_at > ep.failed_at and now - ep.kept_at >= EARLY_DEATH_S:
-                    # Its connection outlived the window with no early death: healthy again.
+                if (
+                    ep.failures
+                    and ep.trial_at > ep.failed_at
+                    and now - ep.trial_at >= EARLY_DEATH_S
+                ):
+                    # Connections kept for a whole window, none dead young: healthy again.
                     ep.failures, ep.due = 0, 0.0
                     _log.info(
                         "rover: server %r at %s: connections last again", server.id, ep.address
@@ -899,6 +926,11 @@ class Rover:
     def _died_young(self, server: _Server, deaths: int, now: float) -> None:
         """Back off the endpoints of *server* that had connections kept since their last failure."""
         self._counts["early_deaths"] += deaths
+        if server.lease_seen_at > now - EARLY_DEATH_S:
+            # It served requests just now: these connections were most likely
+            # discarded by the application (a timeout, a killed greenlet),
+            # which the client counts alike. A sinkhole serves none.
+            return
         # The client counts per server id, not per address: blame the addresses
         # that had a connection kept lately and since their last failure.
         # Deaths with none to blame are stragglers of a batch already counted.

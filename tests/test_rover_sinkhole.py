@@ -226,22 +226,52 @@ def test_connections_dying_young_back_their_server_off() -> None:
 def test_server_on_probation_is_trusted_again_once_a_connection_outlives_the_window() -> None:
     switch = Switch()
     server = serve(switch)
-    client = CallosumClient(max_slots=4)
-    rover = Rover(client, {"s": server.address[:2]}, backoff_base=0.05, backoff_max=0.1)
+    client = CallosumClient(max_slots=20)
+    rover = Rover(client, {"s": server.address[:2]}, backoff_base=1.0, backoff_max=1.0)
     try:
         rover.start()
-        assert wait_until(lambda: rover.stats()["early_deaths"] >= 1)
+        assert wait_until(lambda: rover.stats()["backed_off"] == 1)
+        assert rover.stats()["early_deaths"] >= 1
         switch.sinkhole = False  # it recovers
-        assert wait_until(lambda: client.slot_count == 1)
-        # On probation: one connection, and no more until it has lasted the window.
-        accepted = server.stats()["accepted"]
+        assert wait_until(lambda: client.slot_count >= 1, timeout=3)
+        # On probation: one connection per backoff step (0.5-1 s), not a fill.
         gevent.sleep(1.5)
-        assert client.slot_count == 1
-        assert server.stats()["accepted"] == accepted
+        assert client.slot_count <= 4
         assert rover.stats()["backed_off"] == 1
-        # Then it is trusted again and fills the client at full speed.
-        assert wait_until(lambda: client.slot_count == 4, timeout=6)
+        # Once its first connection has lasted the window, it fills at full speed.
+        assert wait_until(lambda: client.slot_count == 20, timeout=8)
         assert rover.stats()["backed_off"] == 0
+    finally:
+        rover.stop()
+        client.close()
+        server.stop(timeout=0.1)
+
+
+@pytest.mark.timeout(20)
+def test_connections_the_application_discards_young_do_not_back_a_serving_server_off() -> None:
+    # The client counts a discard within 3 s of admission as an early death,
+    # whoever caused it; a server that serves requests meanwhile is no sinkhole.
+    server = serve(Switch(sinkhole=False))
+    client = CallosumClient(max_slots=4)
+    rover = Rover(client, {"s": server.address[:2]}, interval=0.05, backoff_base=5.0)
+    try:
+        rover.start()
+        assert wait_until(lambda: client.slot_count == 4)
+        deadline = time.monotonic() + 1.5
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+            sock = client.get_connection(timeout=5)
+            sock.sendall(b"ping")
+            assert sock.recv(4) == b"ping"
+            if n % 3:
+                client.return_connection(sock)
+            else:
+                client.discard_connection(sock)  # say, the caller gave up on it
+        assert client.server_stats()["s"]["early_deaths_total"] >= 10
+        assert rover.stats()["early_deaths"] >= 10
+        assert rover.stats()["failures"] == {}
+        assert wait_until(lambda: client.slot_count == 4, timeout=2)
     finally:
         rover.stop()
         client.close()
