@@ -96,7 +96,14 @@ def test_rover_survives_any_slot_line() -> None:
             stats = rover.stats()
             # Bounded: the slot timeout (plus the drip the server chose) and a wide margin.
             assert elapsed < SLOT_TIMEOUT + behaviour.gap * len(behaviour.cuts) + 2.0
-            if behaviour.ending != "reset" or got is not None:  # a reset may overtake a line
+            # A valid line followed by more bytes or a FIN is a sinkhole the rover
+            # refuses if they came with the line (a moment later, they may not have).
+            trailing = want is not None and (
+                len(behaviour.data) > want[1] or behaviour.ending in ("close", "more")
+            )
+            if trailing:
+                assert want is not None and got in (want[0], None)
+            elif behaviour.ending != "reset" or got is not None:  # a reset may overtake a line
                 assert got == (want[0] if want else None)
             if got is None:
                 assert stats["protocol_errors"] + stats["connect_errors"] == 1
@@ -451,7 +458,7 @@ BAD_CALLS = [
     bad("add-no-port", V, "address", lambda e: e.rover.add_server("b", "host-without-port")),
     bad("add-port-huge", V, "address", lambda e: e.rover.add_server("b", ("h", 2**70))),
     bad("add-known-id", V, "server_id", lambda e: e.rover.add_server("a", "h:1")),
-    bad("drop-list", V, "server_id", lambda e: e.rover.drop_server([1])),
+    bad("drop-list", T, "server_id", lambda e: e.rover.drop_server([1])),
     # ServerSlots
     bad("put-str", T, "slot", lambda e: e.slots.put("0")),
     bad("put-huge", V, "slot", lambda e: e.slots.put(2**100)),

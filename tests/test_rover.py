@@ -122,6 +122,11 @@ def make_rover() -> Iterator[Callable[..., Rover]]:
         ("backend-b:4040", ("backend-b", 4040)),
         ("[::1]:4040", ("::1", 4040)),
         ("127.0.0.1:1", ("127.0.0.1", 1)),
+        ("backend.internal.:4040", ("backend.internal.", 4040)),  # fully qualified
+        ("my_service:4040", ("my_service", 4040)),  # compose-style names resolve
+        ("bücher.example:4040", ("bücher.example", 4040)),
+        ("[fe80::1%lo]:4040", ("fe80::1%lo", 4040)),
+        (("a" * 63 + ".example", 1), ("a" * 63 + ".example", 1)),
     ],
 )
 def test_parse_address(address: Any, expected: tuple[str, int]) -> None:
@@ -141,6 +146,17 @@ def test_parse_address(address: Any, expected: tuple[str, int]) -> None:
         ("backend:0", ValueError),
         ("backend:65536", ValueError),
         ("backend:" + "9" * 5000, ValueError),
+        # Host names getaddrinfo cannot even encode (UnicodeError, a ValueError).
+        ("backend..internal:4040", ValueError),
+        (".backend:4040", ValueError),
+        (".:4040", ValueError),
+        ("a" * 64 + ".internal:4040", ValueError),
+        (".".join(["a" * 60] * 5) + ":4040", ValueError),  # over 253 bytes
+        ("\udcff:4040", ValueError),
+        ("back end:4040", ValueError),
+        ("back\x00end:4040", ValueError),
+        (("backend..internal", 4040), ValueError),
+        (("backend:4040", 4040), ValueError),
         (("backend", "4040"), TypeError),
         (("backend", True), TypeError),
         ((b"backend", 4040), TypeError),
@@ -185,11 +201,29 @@ def test_parse_address_returns_a_valid_pair_or_raises_cleanly(address: Any) -> N
         ({"resolve_interval": 0}, ValueError, "resolve_interval"),
         ({"fill_concurrency": 0}, ValueError, "fill_concurrency"),
         ({"fill_concurrency": 2.0}, TypeError, "fill_concurrency"),
+        ({"fill_concurrency": 2**63}, ValueError, "fill_concurrency"),
+        ({"fill_concurrency": 10**100}, ValueError, "fill_concurrency"),
         ({"max_slot": -1}, ValueError, "max_slot"),
         ({"backoff_base": 0}, ValueError, "backoff_base"),
         ({"backoff_base": 2.0, "backoff_max": 1.0}, ValueError, "backoff_max"),
         ({"ssl_context": object()}, TypeError, "ssl_context"),
         ({"server_hostname": b"x"}, TypeError, "server_hostname"),
+        (
+            {"server_hostname": "", "ssl_context": ssl.create_default_context()},
+            ValueError,
+            "server_hostname",
+        ),
+        (
+            {"server_hostname": ".example", "ssl_context": ssl.create_default_context()},
+            ValueError,
+            "server_hostname",
+        ),
+        (
+            {"server_hostname": "a..example", "ssl_context": ssl.create_default_context()},
+            ValueError,
+            "server_hostname",
+        ),
+        ({"server_hostname": "a\x00b"}, ValueError, "server_hostname"),
         ({"on_unreachable": 3}, TypeError, "on_unreachable"),
     ],
 )
@@ -259,6 +293,13 @@ BAD_SERVERS = [
     pytest.param(send_segments([b"1"] * 50, gap=0.05), "protocol_errors", id="slow-drip"),
     pytest.param(lambda sock: sock.shutdown(stdsocket.SHUT_WR), "protocol_errors", id="eof"),
     pytest.param(reset, "connect_errors", id="reset"),
+    # Sinkholes the rover sees itself: the FIN or a greeting came with the slot line.
+    pytest.param(send_segments([b"0\r\nHELLO\r\n"]), "protocol_errors", id="slot-then-greeting"),
+    pytest.param(
+        lambda sock: (sock.sendall(b"0\r\n"), sock.shutdown(stdsocket.SHUT_WR)),
+        "protocol_errors",
+        id="slot-then-eof",
+    ),
 ]
 
 
