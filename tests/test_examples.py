@@ -120,8 +120,10 @@ def test_kubernetes_manifest_puts_backends_behind_a_headless_service() -> None:
     # The backend runs this package's server, with options its CLI accepts.
     command = container["command"]
     assert command[:2] == ["callosum-gevent", "serve"]
-    options = _parser().parse_args(command[1:])
+    options = _parser()[0].parse_args(command[1:])
     assert (options.host, options.port) == ("0.0.0.0", port["port"])
+    # The drain must end before the kubelet's SIGKILL.
+    assert options.drain_timeout < backend["spec"]["terminationGracePeriodSeconds"]
 
     # The front end points the example app's rover at the Service's name.
     env = {item["name"]: item["value"] for item in frontend["env"]}
