@@ -9,6 +9,11 @@
 * ``SemaphoreDequePool``: stands in for geventconnpool 0.2.1 (labelled
   ``geventconnpool*``), which does not import on Python 3: our own
   implementation of the algorithm its pool uses.
+* ``EventFloorPool`` and ``SwitchFloorPool``: reference rows, not peers. Minimal
+  strict-FIFO pools with direct hand-off, showing what fairness itself costs on
+  the machine: ``floor: Event + poll + timer`` keeps what the client keeps
+  (waiting on an ``Event``, a per-wait timer, the hand-out check),
+  ``floor: raw greenlet switch`` drops all of it.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import gevent
-from gevent import socket
+from gevent import getcurrent, socket
+from gevent.event import Event
 from gevent.lock import BoundedSemaphore
 from gevent.queue import LifoQueue
 
@@ -93,12 +99,17 @@ def filled_client(socks: list[Sock]) -> CallosumClient:
     return client
 
 
+class _Pool(Protocol):
+    def get(self, timeout: float | None = None) -> Sock: ...
+    def put(self, sock: Sock) -> None: ...
+
+
 class _Lease:
-    """``with pool.connection() as sock:`` for the queue pools, as a plain class."""
+    """``with pool.connection() as sock:`` for the queue and floor pools, as a plain class."""
 
     __slots__ = ("_pool", "_sock", "_timeout")
 
-    def __init__(self, pool: LifoPool, timeout: float | None) -> None:
+    def __init__(self, pool: _Pool, timeout: float | None) -> None:
         self._pool = pool
         self._timeout = timeout
 
@@ -212,6 +223,158 @@ class SemaphoreDequePool:
             if healthy:
                 self._free.append(sock)
                 self._permits.release()
+
+
+FLOOR_EVENT = "floor: Event + poll + timer"
+FLOOR_SWITCH = "floor: raw greenlet switch"
+
+
+class _FloorWaiter:
+    """A greenlet waiting in ``EventFloorPool.get``."""
+
+    __slots__ = ("event", "expired", "sock")
+
+    def __init__(self) -> None:
+        self.event = Event()
+        self.sock: Sock | None = None
+        self.expired = False
+
+
+def _expire(waiter: _FloorWaiter) -> None:
+    # The wait's timer, run by the hub: wake the waiter to time out unless a
+    # socket reached it first.
+    waiter.expired = True
+    waiter.event.set()
+
+
+class EventFloorPool:
+    """Floor (a): the least a fair pool that waits on an ``Event`` can do.
+
+    Strict FIFO with direct hand-off: ``put`` gives the socket to the longest
+    waiter, so the returning greenlet cannot take it back. A waiter sleeps on a
+    ``gevent.event.Event`` of its own, with one libev timer per wait (a timeout,
+    as the client's waits have). Every hand-out, from idle or handed over, runs
+    a non-blocking ``poll`` on the socket and closes it if it is readable
+    (EOF, reset or stray bytes). No heaps (idle sockets are a list, waiters a
+    deque), no idle watchers, no statistics: the client's fairness, Event,
+    timer and check with none of its bookkeeping.
+    """
+
+    def __init__(self, socks: Iterable[Sock]) -> None:
+        self._idle: list[Sock] = []
+        self._polls: dict[Sock, Any] = {}
+        self._waiters: deque[_FloorWaiter] = deque()
+        self._loop = gevent.get_hub().loop
+        for sock in socks:
+            poll = select.poll()
+            poll.register(sock, select.POLLIN)
+            self._polls[sock] = poll
+            self._idle.append(sock)
+
+    def _fit(self, sock: Sock) -> bool:
+        # The hand-out check: readable means dead or out of step, never lend it.
+        if self._polls[sock].poll(0):
+            del self._polls[sock]
+            sock.close()
+            return False
+        return True
+
+    def get(self, timeout: float | None = None) -> Sock:
+        """Lend an idle socket, or wait first come, first served; ``TimeoutError`` at the end."""
+        sock = self._take_idle()
+        return sock if sock is not None else self._wait(timeout)
+
+    def _take_idle(self) -> Sock | None:
+        idle = self._idle
+        while idle:
+            sock = idle.pop()
+            if self._fit(sock):
+                return sock
+        return None
+
+    def _wait(self, timeout: float | None) -> Sock:
+        waiter = _FloorWaiter()
+        self._waiters.append(waiter)
+        timer = None
+        if timeout is not None:
+            timer = self._loop.timer(timeout)
+            timer.start(_expire, waiter)
+        try:
+            while True:
+                waiter.event.wait()
+                waiter.event.clear()
+                sock = waiter.sock
+                if sock is not None:
+                    waiter.sock = None
+                    if self._fit(sock):
+                        return sock
+                    # Dead on the way: take an idle one or wait again, still first.
+                    sock = self._take_idle()
+                    if sock is not None:
+                        return sock
+                    self._waiters.appendleft(waiter)
+                if waiter.expired:
+                    raise TimeoutError(f"no socket became free within {timeout} s")
+        except BaseException:
+            # Timed out or killed: leave the queue, pass on a socket handed over meanwhile.
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            if waiter.sock is not None:
+                self.put(waiter.sock)
+                waiter.sock = None
+            raise
+        finally:
+            if timer is not None:
+                timer.close()
+
+    def put(self, sock: Sock) -> None:
+        """Hand ``sock`` to the longest waiter, or make it idle."""
+        if self._waiters:
+            waiter = self._waiters.popleft()
+            waiter.sock = sock
+            waiter.event.set()
+        else:
+            self._idle.append(sock)
+
+    def connection(self, timeout: float | None = None) -> _Lease:
+        return _Lease(self, timeout)
+
+
+class SwitchFloorPool:
+    """Floor (b): the least a fair pool can do in gevent at all.
+
+    The same strict FIFO with direct hand-off as ``EventFloorPool``, but a
+    waiter parks its greenlet in the hub (``hub.switch()``) and ``put`` has the
+    hub switch to it with the socket (``loop.run_callback(greenlet.switch,
+    sock)``), so the returning greenlet runs on and the hand-off costs one hub
+    callback and one switch. No ``Event``, no timer (``timeout`` is ignored),
+    no liveness check, and a waiter must not be killed: a benchmark floor, not
+    a usable pool.
+    """
+
+    def __init__(self, socks: Iterable[Sock]) -> None:
+        self._idle: list[Sock] = list(socks)
+        self._waiters: deque[Any] = deque()
+        self._hub = gevent.get_hub()
+        self._callback = self._hub.loop.run_callback
+
+    def get(self, timeout: float | None = None) -> Sock:
+        """Lend an idle socket, or wait first come, first served, without limit."""
+        if self._idle:
+            return self._idle.pop()
+        self._waiters.append(getcurrent())
+        sock: Sock = self._hub.switch()
+        return sock
+
+    def put(self, sock: Sock) -> None:
+        """Hand ``sock`` to the longest waiter (the hub switches to it), or make it idle."""
+        if self._waiters:
+            self._callback(self._waiters.popleft().switch, sock)
+        else:
+            self._idle.append(sock)
+
+    def connection(self, timeout: float | None = None) -> _Lease:
+        return _Lease(self, timeout)
 
 
 def close_all(socks: Iterable[Sock]) -> None:

@@ -1,4 +1,10 @@
-"""Uncontended lend + return: one greenlet, 16 pooled loopback TCP connections."""
+"""Uncontended lend + return: one greenlet, 16 pooled loopback TCP connections.
+
+The contention benchmark's two floors (``_peers.EventFloorPool``,
+``_peers.SwitchFloorPool``) are reference rows here too: uncontended, the Event
+floor's ``with`` is a list pop/append plus the hand-out ``poll(0)``, the switch
+floor's a list pop/append, each behind the same two-call lease.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +15,14 @@ from typing import Any
 
 from ._harness import Samples, fmt_stat, interleave, print_table, ratio_stat, stat, target
 from ._peers import (
+    FLOOR_EVENT,
+    FLOOR_SWITCH,
     CheckedLifoPool,
+    EventFloorPool,
     LifoPool,
     SemaphoreDequePool,
     Sock,
+    SwitchFloorPool,
     close_all,
     filled_client,
     gsocketpool_pool,
@@ -63,6 +73,8 @@ def variants(socks: list[Sock], n: int) -> dict[str, Callable[[], float]]:
     polled = CheckedLifoPool(socks, is_readable)
     gsp = gsocketpool_pool(socks)
     gcp = SemaphoreDequePool(socks)
+    event_floor = EventFloorPool(socks)
+    switch_floor = SwitchFloorPool(socks)
     client = filled_client(socks)
 
     def floor_loop(n: int) -> None:
@@ -85,6 +97,8 @@ def variants(socks: list[Sock], n: int) -> dict[str, Callable[[], float]]:
         "LifoQueue+poll with": with_loop(polled.connection),
         "gsocketpool with": with_loop(gsp.connection),
         "geventconnpool* with": with_loop(gcp.connection),
+        f"{FLOOR_EVENT} with": with_loop(event_floor.connection),
+        f"{FLOOR_SWITCH} with": with_loop(switch_floor.connection),
         "callosum get/return": callosum_raw,
         "callosum with": with_loop(client.connection),
     }
@@ -122,10 +136,23 @@ def run(quick: bool) -> dict[str, Any]:
         ["variant", "ns/cycle median (min-max)", f"ratio to {REFERENCE}"],
         rows,
     )
+    ours = samples["callosum with"]
+    gsp_ratio = ratio_stat(ours, samples["gsocketpool with"])["median"]
     targets = [
         faster_than(samples, GEVENT_PEERS_WITH, "every gevent peer's `with`"),
         faster_than(samples, ["LifoQueue with"], "the bare LifoQueue `with` (no check)"),
+        target(
+            "callosum `with` at most 1.1x gsocketpool's (issue 11)",
+            gsp_ratio <= 1.1,
+            f"{gsp_ratio:.2f}x ({stat(ours)['median']:.0f} vs "
+            f"{stat(samples['gsocketpool with'])['median']:.0f} ns)",
+        ),
     ]
+    floors = ", ".join(
+        f"{ratio_stat(ours, samples[f'{floor} with'])['median']:.2f}x the {floor}"
+        for floor in (FLOOR_EVENT, FLOOR_SWITCH)
+    )
+    print(f"  (no target) callosum `with` is {floors}")
     return {
         "connections": N_CONNECTIONS,
         "cycles": n,
@@ -134,5 +161,6 @@ def run(quick: bool) -> dict[str, Any]:
         "summary": {name: stat(ns) for name, ns in samples.items()},
         "ratio_to_reference": {name: ratio_stat(ns, ref) for name, ns in samples.items()},
         "reference": REFERENCE,
+        "floors": [FLOOR_EVENT, FLOOR_SWITCH],
         "targets": targets,
     }
