@@ -73,7 +73,20 @@ def _check_backlog(backlog: object) -> None:
 
 
 def weight_for(rate: float, reference: float = REFERENCE_RATE) -> float:
-    """Return the weight for a capacity of ``rate``, clamped to :data:`WEIGHT_RANGE`."""
+    """Return the weight for a capacity of ``rate``, clamped to :data:`WEIGHT_RANGE`.
+
+    ``rate`` is requests per busy second (>= 0); ``reference`` the rate that
+    weight 1 stands for (> 0 and finite).
+    """
+    for name, value in (("rate", rate), ("reference", reference)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        if isinstance(value, int) and abs(value) > 2**1023:
+            raise ValueError(f"{name} is too large, got {value}")
+    if not rate >= 0:  # NaN fails too
+        raise ValueError(f"rate must be >= 0, got {rate}")
+    if not (reference > 0 and math.isfinite(reference)):
+        raise ValueError(f"reference must be > 0 and finite, got {reference}")
     low, high = WEIGHT_RANGE
     return min(high, max(low, rate / reference))
 
