@@ -466,3 +466,20 @@ def test_a_connection_its_handler_closed_is_not_counted_as_drained(start: Start)
     assert drainer.get(timeout=5) is True
     assert server.stats()["drained"] == 0
     sock.close()
+
+
+# gevent's own wrap_socket builds its context with the deprecated PROTOCOL_TLS.
+@pytest.mark.filterwarnings("ignore:ssl.PROTOCOL_TLS is deprecated:DeprecationWarning")
+def test_tls_from_keyfile_and_certfile_still_serves_and_drains(start: Start) -> None:
+    ca = trustme.CA()
+    client_ctx = gevent.ssl.SSLContext(gevent.ssl.PROTOCOL_TLS_CLIENT)
+    ca.configure_trust(client_ctx)
+    with ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.tempfile() as pem:
+        service = LineService("pem")
+        server = start(service, keyfile=pem, certfile=pem)  # gevent.ssl.wrap_socket's way
+        raw = gevent.socket.create_connection(address(server), timeout=5)
+        with client_ctx.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            read_slot_line(sock, timeout=5)
+            assert request(sock, "hi") == ("pem", "hi")
+            assert server.drain(timeout=5) is True
+            assert closed_by_peer(sock)
