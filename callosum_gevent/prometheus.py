@@ -218,7 +218,7 @@ _LISTENER_COUNTERS: tuple[_Row, ...] = (
     (
         "refused",
         "callosum_listener_refused_total",
-        "Connections closed at once because max_connections were open.",
+        "Connections closed at once: max_connections were open, or the server was draining.",
     ),
     (
         "failed",
