@@ -222,10 +222,10 @@ def _serving(args: argparse.Namespace) -> tuple[LineService, CallosumServer]:
 def _serve(service: LineService, server: CallosumServer, args: argparse.Namespace) -> int:
     drain_timeout: float = args.drain_timeout
     server.start()
-    host, port = server.address[:2]
+    where = _host_port(*server.address[:2])
     if args.id is None:
-        service.server_id = f"{host}:{port}"
-    print(f"serving {service.server_id} on {host}:{port}", flush=True)
+        service.server_id = where
+    print(f"serving {service.server_id} on {where}", flush=True)
     signals = gevent.event.Event()
     count = 0
 
@@ -258,6 +258,11 @@ def _serve(service: LineService, server: CallosumServer, args: argparse.Namespac
     return 0
 
 
+def _host_port(host: str, port: int) -> str:
+    """Name an address as ``call`` reads it back: an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _connect(servers: list[tuple[str, int]], timeout: float) -> tuple[Any, int, str]:
     """Return a socket that sent its slot line, the slot and the server's name.
 
@@ -267,7 +272,7 @@ def _connect(servers: list[tuple[str, int]], timeout: float) -> tuple[Any, int, 
     problems: list[str] = []
     protocol = False
     for host, port in random.sample(servers, len(servers)):
-        name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        name = _host_port(host, port)
         try:
             sock = gsocket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
@@ -288,7 +293,7 @@ def _connect(servers: list[tuple[str, int]], timeout: float) -> tuple[Any, int, 
 
 def _call(args: argparse.Namespace) -> int:
     sock, slot, name = _connect(args.servers, args.timeout)
-    host, port = sock.getpeername()[:2]
+    where = _host_port(*sock.getpeername()[:2])
     with CallosumClient(max_slots=1) as client:
         client.new_connection(slot, sock)
         with client.connection(timeout=0) as lent:
@@ -301,7 +306,7 @@ def _call(args: argparse.Namespace) -> int:
                 raise ProtocolError(f"{name} does not speak the line protocol: {exc}") from None
             except TimeoutError:
                 raise TimeoutError(f"no reply from {name} within {args.timeout:g} s") from None
-    print(f"{reply}\n(answered by {server_id} on slot {slot} at {host}:{port})")
+    print(f"{reply}\n(answered by {server_id} on slot {slot} at {where})")
     return 0
 
 

@@ -441,3 +441,14 @@ def test_progress_redraws_one_bar_on_a_terminal_and_writes_lines_elsewhere() -> 
     lines = log.getvalue().splitlines()
     assert lines[-1] == "run: 10/10 requests"
     assert len(lines) == len(set(lines))
+
+
+@pytest.mark.timeout(40)
+def test_serve_names_an_ipv6_address_with_brackets_and_call_reaches_it() -> None:
+    with line_server("--host", "::1") as (server, address):
+        assert re.fullmatch(r"\[::1\]:\d+", address), address
+        done = run_python("-m", "callosum_gevent", "call", address, "six")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == f"six\n(answered by {address} on slot 0 at {address})\n"
+        _out, err = stop(server)
+    assert server.returncode == 0, err
