@@ -73,16 +73,16 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     serve.add_argument(
-        "--port", type=int, default=4040, help="port to bind, 0 for any (default %(default)s)"
+        "--port", type=_port, default=4040, help="port to bind, 0 for any (default %(default)s)"
     )
     serve.add_argument(
         "--service-time",
-        type=float,
+        type=_service_time,
         default=0.0,
         help="seconds each request takes (default %(default)s)",
     )
     serve.add_argument(
-        "--capacity", type=int, default=None, help="requests served at once (default: no limit)"
+        "--capacity", type=_count, default=None, help="requests served at once (default: no limit)"
     )
     serve.add_argument(
         "--weight",
@@ -99,11 +99,13 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     )
     serve.add_argument(
         "--max-connections",
-        type=int,
+        type=_count,
         default=None,
         help="connections held at most (default: no limit)",
     )
-    serve.add_argument("--id", default=None, help="name in replies (default HOST:PORT)")
+    serve.add_argument(
+        "--id", type=_server_id, default=None, help="name in replies (default HOST:PORT)"
+    )
 
     call = commands.add_parser(
         "call",
@@ -137,6 +139,47 @@ def _weight(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"{text!r} is neither an integer nor 'auto'") from None
 
 
+def _port(text: str) -> int:
+    """Return a port to bind: 0 (any free port) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be between 0 and 65535, got {port}")
+    return port
+
+
+def _count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {count}")
+    return count
+
+
+def _service_time(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= seconds < float("inf"):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return seconds
+
+
+def _server_id(text: str) -> str:
+    # Replies are "<id> <message>": a space, a newline or an unprintable
+    # character in the id would garble them.
+    if not text or not text.isprintable() or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(
+            f"--id must be one word of printable characters, got {text!r}"
+        )
+    return text
+
+
 def _seconds(text: str) -> float:
     try:
         seconds = float(text)
@@ -155,8 +198,10 @@ def _message(text: str) -> str:
 
 def _address(spec: str) -> tuple[str, int]:
     host, sep, port = spec.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    if not sep or not host or not port.isascii() or not port.isdigit():
         raise argparse.ArgumentTypeError(f"{spec!r} is not HOST:PORT")
+    if not 1 <= int(port) <= 65535:  # 0 means "any" to bind, but no server listens there
+        raise argparse.ArgumentTypeError(f"port must be between 1 and 65535, got {spec!r}")
     return host.strip("[]"), int(port)
 
 
@@ -177,10 +222,10 @@ def _serving(args: argparse.Namespace) -> tuple[LineService, CallosumServer]:
 def _serve(service: LineService, server: CallosumServer, args: argparse.Namespace) -> int:
     drain_timeout: float = args.drain_timeout
     server.start()
-    host, port = server.address[:2]
+    where = _host_port(*server.address[:2])
     if args.id is None:
-        service.server_id = f"{host}:{port}"
-    print(f"serving {service.server_id} on {host}:{port}", flush=True)
+        service.server_id = where
+    print(f"serving {service.server_id} on {where}", flush=True)
     signals = gevent.event.Event()
     count = 0
 
@@ -213,6 +258,11 @@ def _serve(service: LineService, server: CallosumServer, args: argparse.Namespac
     return 0
 
 
+def _host_port(host: str, port: int) -> str:
+    """Name an address as ``call`` reads it back: an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _connect(servers: list[tuple[str, int]], timeout: float) -> tuple[Any, int, str]:
     """Return a socket that sent its slot line, the slot and the server's name.
 
@@ -222,7 +272,7 @@ def _connect(servers: list[tuple[str, int]], timeout: float) -> tuple[Any, int, 
     problems: list[str] = []
     protocol = False
     for host, port in random.sample(servers, len(servers)):
-        name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        name = _host_port(host, port)
         try:
             sock = gsocket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
@@ -243,7 +293,7 @@ def _connect(servers: list[tuple[str, int]], timeout: float) -> tuple[Any, int, 
 
 def _call(args: argparse.Namespace) -> int:
     sock, slot, name = _connect(args.servers, args.timeout)
-    host, port = sock.getpeername()[:2]
+    where = _host_port(*sock.getpeername()[:2])
     with CallosumClient(max_slots=1) as client:
         client.new_connection(slot, sock)
         with client.connection(timeout=0) as lent:
@@ -256,7 +306,7 @@ def _call(args: argparse.Namespace) -> int:
                 raise ProtocolError(f"{name} does not speak the line protocol: {exc}") from None
             except TimeoutError:
                 raise TimeoutError(f"no reply from {name} within {args.timeout:g} s") from None
-    print(f"{reply}\n(answered by {server_id} on slot {slot} at {host}:{port})")
+    print(f"{reply}\n(answered by {server_id} on slot {slot} at {where})")
     return 0
 
 

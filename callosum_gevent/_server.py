@@ -73,35 +73,60 @@ def _check_backlog(backlog: object) -> None:
 
 
 def weight_for(rate: float, reference: float = REFERENCE_RATE) -> float:
-    """Return the weight for a capacity of ``rate``, clamped to :data:`WEIGHT_RANGE`."""
+    """Return the weight for a capacity of ``rate``, clamped to :data:`WEIGHT_RANGE`.
+
+    ``rate`` is requests per busy second (>= 0); ``reference`` the rate that
+    weight 1 stands for (> 0 and finite).
+    """
+    for name, value in (("rate", rate), ("reference", reference)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        if isinstance(value, int) and abs(value) > 2**1023:
+            raise ValueError(f"{name} is too large, got {value}")
+    if not rate >= 0:  # NaN fails too
+        raise ValueError(f"rate must be >= 0, got {rate}")
+    if not (reference > 0 and math.isfinite(reference)):
+        raise ValueError(f"reference must be > 0 and finite, got {reference}")
     low, high = WEIGHT_RANGE
     return min(high, max(low, rate / reference))
 
 
-def _shut(sock: Any) -> None:
+def _shut(sock: Any) -> bool:
     """Shut both directions of ``sock`` at the descriptor, whatever wraps it.
 
     The peer gets a FIN now, and a greenlet blocked reading ``sock`` wakes to
     end of file, as if the peer had hung up. Going round the wrapper matters:
     gevent's ``shutdown`` fails a blocked reader with EBADF instead, and an
     SSLSocket's drops its TLS state under the reader's feet.
+
+    Return whether this closed a live connection: False if ``sock`` was
+    closed already, or its peer had hung up or reset it first.
     """
     try:
         fd = sock.fileno()
     except OSError:
-        return
+        return False
     if fd < 0:
-        return
+        return False
     try:
         raw = _socket.socket(fileno=fd)
     except OSError:
-        return  # not a socket after all: nothing to shut
+        return False  # not a socket after all: nothing to shut
     try:
+        try:
+            # Peek without waiting: an end of file already queued means the
+            # peer left on its own, and the drain only tidies up.
+            alive = raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            alive = True  # open, nothing to read: the usual idle connection
+        except OSError:
+            alive = False  # reset by the peer
         raw.shutdown(socket.SHUT_RDWR)
     except OSError:
-        pass  # already reset or shut by the peer: nothing left to do
+        return False  # already reset or shut: nothing left to do
     finally:
         raw.detach()  # the descriptor still belongs to ``sock``
+    return alive
 
 
 # A connection's state, as its request boundaries see it.
@@ -163,8 +188,9 @@ class _Connection:
         if self.state != _IDLE:
             return
         self.state = _SHUT
-        self._server._drained += 1
-        _shut(self.sock)
+        # Counted only if the drain cut it: not one its handler or peer closed first.
+        if _shut(self.sock):
+            self._server._drained += 1
 
 
 class CallosumServer(StreamServer):  # type: ignore[misc]
@@ -264,6 +290,7 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
         self._drained = 0
         # Served connections by socket, for request(sock) and drain().
         self._conns: dict[Any, _Connection] = {}
+        self._handshakes: set[Any] = set()  # TLS sockets still in their handshake
         self._boundaries = marks_requests  # does the handler mark its requests?
         self._draining = False
         self._live = 0  # accepted sockets not yet closed
@@ -327,8 +354,9 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
         ``accepted``, ``refused`` (over ``max_connections``, or while
         draining), ``active``, ``failed`` and ``errors``; ``requests`` marked
         with :meth:`request` and finished,
-        ``in_request`` open now, ``drained`` connections closed between
-        requests by a drain.
+        ``in_request`` open now, ``drained`` connections a drain closed
+        between requests (not those the handler or the client closed first).
+        A TLS handshake cut short by a drain counts as ``refused``.
         """
         estimator = self._estimator
         return {
@@ -398,6 +426,8 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
             listener = getattr(self, "socket", None)
             if listener is not None:
                 listener.close()  # clients still in the accept queue get a reset
+            for tls in list(self._handshakes):
+                _shut(tls)  # no request in flight yet: the handshake fails at once
             if self._boundaries:
                 self._close_idle()
         # wait(0) would still yield a turn of the hub: 0 means do not wait at all.
@@ -409,6 +439,29 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
     def _close_idle(self) -> None:
         for conn in list(self._conns.values()):
             conn.close()  # a connection inside a request closes when it leaves
+
+    def start(self) -> None:
+        """Bind if needed and start accepting; raise RuntimeError once a drain has begun.
+
+        A drained server stays drained: create a new one to serve again.
+        """
+        self._check_not_drained()
+        super().start()
+
+    def serve_forever(self, stop_timeout: float | None = None) -> None:
+        """Start if not started, and serve until stopped or drained.
+
+        Raise RuntimeError, as :meth:`start` does, once a drain has begun.
+        """
+        self._check_not_drained()
+        super().serve_forever(stop_timeout=stop_timeout)
+
+    def _check_not_drained(self) -> None:
+        if self._draining:
+            raise RuntimeError(
+                "this server has been drained or stopped and cannot start again: "
+                "create a new CallosumServer"
+            )
 
     def start_accepting(self) -> None:
         # A bounded spawn pool calls this when it has room again: not while draining.
@@ -438,16 +491,38 @@ class CallosumServer(StreamServer):  # type: ignore[misc]
         """Do the TLS handshake within ``slot_line_timeout``, then serve.
 
         A failed or silent handshake is counted in ``failed`` and the socket
-        closed; nothing escapes the connection's greenlet.
+        closed; nothing escapes the connection's greenlet. A drain cuts a
+        handshake short (the connection has no request yet) and counts it in
+        ``refused``.
         """
-        client_socket.settimeout(self._slot_line_timeout)
+        if self._draining:  # accepted just before the drain: no handshake at all
+            self._refused += 1
+            return None
+        # The handshake is done here rather than inside wrap_socket, so that
+        # drain() can reach the socket while it is under way.
+        ssl_args = {**self.ssl_args, "do_handshake_on_connect": False}
+        handshakes = self._handshakes
         try:
-            ssl_socket = self.wrap_socket(client_socket, **self.ssl_args)
-        except OSError as exc:  # ssl.SSLError and timeouts included
+            ssl_socket = self.wrap_socket(client_socket, **ssl_args)
+        except OSError as exc:
             self._failed += 1
-            _log.debug("TLS handshake with %s failed: %r", address, exc)
+            _log.debug("TLS set-up with %s failed: %r", address, exc)
             return None
         with closing(ssl_socket):
+            ssl_socket.settimeout(self._slot_line_timeout)
+            handshakes.add(ssl_socket)
+            try:
+                ssl_socket.do_handshake()
+            except OSError as exc:  # ssl.SSLError and timeouts included
+                if self._draining:
+                    self._refused += 1
+                    _log.debug("TLS handshake with %s cut by the drain", address)
+                else:
+                    self._failed += 1
+                    _log.debug("TLS handshake with %s failed: %r", address, exc)
+                return None
+            finally:
+                handshakes.discard(ssl_socket)
             ssl_socket.settimeout(None)
             return self.handle(ssl_socket, address)
 

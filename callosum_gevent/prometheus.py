@@ -20,17 +20,21 @@ by the hub's own thread (``gevent.pywsgi`` serving
 ``gevent.monkey.patch_all()``) reads them directly. A scrape from another OS
 thread (``start_http_server`` without monkey-patching) asks the hub to read
 them on its next turn, because the pool is not safe to read while the hub
-changes it, and waits up to ``hub_timeout`` seconds; the sources of a hub
-that does not answer in time are left out of that scrape, with a warning.
+changes it, and waits up to ``hub_timeout`` seconds in all, however many
+hubs it asks; the sources of a hub that does not answer in time are left
+out of that scrape, with a warning. Sources whose hub was destroyed, or
+whose thread has ended, are left out at once (warned about once).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from time import monotonic
+from typing import Any, NamedTuple
 
 import gevent
 import gevent.monkey
@@ -54,8 +58,6 @@ _log = logging.getLogger("callosum_gevent")
 # The OS thread's identity and a plain lock, even when threading is monkey-patched.
 _get_ident: Callable[[], int] = gevent.monkey.get_original("_thread", "get_ident")
 _allocate_lock: Callable[[], Any] = gevent.monkey.get_original("_thread", "allocate_lock")
-
-_T = TypeVar("_T")
 
 # (key in the stats dict, metric name, help). Counter names carry ``_total``
 # here as they appear in the exposition; CounterMetricFamily adds it back.
@@ -216,7 +218,7 @@ _LISTENER_COUNTERS: tuple[_Row, ...] = (
     (
         "refused",
         "callosum_listener_refused_total",
-        "Connections closed at once because max_connections were open.",
+        "Connections closed at once: max_connections were open, or the server was draining.",
     ),
     (
         "failed",
@@ -327,8 +329,8 @@ class CallosumCollector:
 
     :param client: a first pool to add, as :meth:`add_pool` would.
     :param server: a first server to add, as :meth:`add_server` would.
-    :param hub_timeout: seconds a scrape from another OS thread waits for a
-        hub to read its sources.
+    :param hub_timeout: seconds a scrape from another OS thread waits for
+        the other hubs to read their sources: one deadline for all of them.
 
     Add sources from the thread whose hub runs them.
     """
@@ -353,6 +355,7 @@ class CallosumCollector:
         # iterates a consistent snapshot without a lock.
         self._pools: dict[str, _Pool] = {}
         self._listeners: tuple[_Listener, ...] = ()
+        self._gone: frozenset[int] = frozenset()  # hubs already reported gone
         if client is not None:
             self.add_pool(client, pool=pool, rover=rover)
         if server is not None:
@@ -425,6 +428,10 @@ class CallosumCollector:
         pools, listeners = list(self._pools.values()), self._listeners
         hubs = {id(source.hub): source.hub for source in pools}
         hubs.update((id(source.hub), source.hub) for source in listeners)
+        # Every other thread's hub is asked at once, and all share one
+        # deadline: a scrape waits hub_timeout at most, however many hubs.
+        deadline = monotonic() + self._hub_timeout
+        pending: list[tuple[Any, _Answer]] = []
         pool_readings: list[_PoolReading] = []
         listener_readings: list[_ListenerReading] = []
         for hub_id, hub in hubs.items():
@@ -436,44 +443,70 @@ class CallosumCollector:
             ) -> tuple[list[_PoolReading], list[_ListenerReading]]:
                 return [_read_pool(p) for p in mine], [_read_listener(lst) for lst in theirs]
 
-            got = self._in_hub_thread(hub, read)
-            if got is not None:
+            if _get_ident() == hub.thread_ident:
+                got = read()
                 pool_readings += got[0]
                 listener_readings += got[1]
+                continue
+            loop = hub.loop  # None once the hub is destroyed
+            if loop is None or hub.thread_ident not in sys._current_frames():
+                self._report_gone(hub)  # nobody is left to read for it
+                continue
+            pending.append((hub, _Answer(loop, read)))
+        for hub, answer in pending:
+            got = answer.wait(max(0.0, deadline - monotonic()))
+            if got is None:
+                _log.warning(
+                    "metrics: the hub of thread %#x did not answer in %.1f s; its pools left out",
+                    hub.thread_ident,
+                    self._hub_timeout,
+                )
+                continue
+            pool_readings += got[0]
+            listener_readings += got[1]
         return pool_readings, listener_readings
 
-    def _in_hub_thread(self, hub: Any, read: Callable[[], _T]) -> _T | None:
-        """Run ``read`` in ``hub``'s thread: here if this is it, else on its next turn."""
-        if _get_ident() == hub.thread_ident:
-            return read()
-        done = _allocate_lock()
-        done.acquire()
-        box: list[Any] = []
-
-        def run() -> None:
-            try:
-                box.append(read())
-            except BaseException as exc:  # handed to the scraping thread to raise
-                box.append(exc)
-            finally:
-                done.release()
-
-        hub.loop.run_callback_threadsafe(run)
-        if not done.acquire(timeout=self._hub_timeout):
-            _log.warning(
-                "metrics: the hub of thread %#x did not answer in %.1f s; its pools left out",
-                hub.thread_ident,
-                self._hub_timeout,
-            )
-            return None
-        result = box[0]
-        if isinstance(result, BaseException):
-            raise result
-        value: _T = result
-        return value
+    def _report_gone(self, hub: Any) -> None:
+        """Warn, once per hub, that a destroyed hub or ended thread leaves its pools out."""
+        if id(hub) in self._gone:  # a hub held here keeps its id
+            return
+        self._gone = self._gone | {id(hub)}
+        _log.warning(
+            "metrics: the hub of thread %#x is gone (destroyed, or its thread ended); "
+            "its pools are left out: remove them",
+            hub.thread_ident,
+        )
 
     def __repr__(self) -> str:
         return f"<CallosumCollector pools={list(self._pools)} servers={len(self._listeners)}>"
+
+
+class _Answer:
+    """A read asked of another thread's hub, run there on its next turn."""
+
+    def __init__(self, loop: Any, read: Callable[[], Any]) -> None:
+        self._read = read
+        self._done = _allocate_lock()
+        self._done.acquire()
+        self._box: list[Any] = []
+        loop.run_callback_threadsafe(self._run)
+
+    def _run(self) -> None:
+        try:
+            self._box.append(self._read())
+        except BaseException as exc:  # handed to the scraping thread to raise
+            self._box.append(exc)
+        finally:
+            self._done.release()
+
+    def wait(self, timeout: float) -> Any:
+        """Return what the read returned, raise what it raised, or None after ``timeout``."""
+        if not self._done.acquire(timeout=timeout):
+            return None
+        result = self._box[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
 
 class _Families:

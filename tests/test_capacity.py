@@ -215,3 +215,27 @@ def test_weight_is_the_rate_over_the_reference_within_range() -> None:
     assert weight_for(150.0, reference=100.0) == 1.5
     assert weight_for(1e-9) == low
     assert weight_for(1e12) == high
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "name"),
+    [
+        (("fast",), TypeError, "rate"),
+        ((True,), TypeError, "rate"),
+        ((-1.0,), ValueError, "rate"),
+        ((float("nan"),), ValueError, "rate"),
+        ((100.0, 0), ValueError, "reference"),
+        ((100.0, -5.0), ValueError, "reference"),
+        ((100.0, float("inf")), ValueError, "reference"),
+        ((100.0, float("nan")), ValueError, "reference"),
+        ((100.0, "1000"), TypeError, "reference"),
+        ((100.0, False), TypeError, "reference"),
+        ((10**400,), ValueError, "rate"),
+        ((100.0, 10**400), ValueError, "reference"),
+    ],
+)
+def test_weight_for_refuses_bad_arguments_naming_them(
+    args: tuple[Any, ...], error: type[Exception], name: str
+) -> None:
+    with pytest.raises(error, match=name):
+        weight_for(*args)

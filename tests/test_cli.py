@@ -207,12 +207,28 @@ def test_callosum_spares_the_slow_server_and_cuts_the_tail() -> None:
         (["demo", "--requests", "0"], "requests must be >= 1"),
         (["call", "localhost", "hi"], "is not HOST:PORT"),
         (["call", "127.0.0.1:9", "two\nlines"], "MESSAGE must be one line"),
-        (["serve", "--port", "x"], "invalid int value"),
+        (["serve", "--port", "x"], "argument --port: 'x' is not a port number"),
         (["serve", "--port", "0", "--weight", "0"], "weight must be >= 1"),
         (["serve", "--port", "0", "--weight", "heavy"], "neither an integer nor 'auto'"),
-        (["serve", "--port", "0", "--capacity", "0"], "capacity must be >= 1"),
+        (["serve", "--port", "0", "--capacity", "0"], "argument --capacity: must be >= 1"),
         (["serve", "--port", "0", "--drain-timeout", "-1"], "positive number of seconds"),
         (["call", "127.0.0.1:9", "hi", "--timeout", "-1"], "timeout"),
+        (["serve", "--port", "70000"], "port must be between 0 and 65535"),
+        (["serve", "--port", "-1"], "port must be between 0 and 65535"),
+        (["serve", "--port", "abc"], "'abc' is not a port number"),
+        (["call", "127.0.0.1:0", "hi"], "port must be between 1 and 65535"),
+        (["call", "127.0.0.1:70000", "hi"], "port must be between 1 and 65535"),
+        (["call", "127.0.0.1:abc", "hi"], "is not HOST:PORT"),
+        (["serve", "--port", "0", "--service-time", "-1"], "'-1' is not a number of seconds >= 0"),
+        (["serve", "--port", "0", "--service-time", "nan"], "is not a number of seconds >= 0"),
+        (["serve", "--port", "0", "--service-time", "inf"], "is not a number of seconds >= 0"),
+        (["serve", "--port", "0", "--service-time", "soon"], "is not a number of seconds"),
+        (["serve", "--port", "0", "--id", ""], "--id must be one word"),
+        (["serve", "--port", "0", "--id", "two words"], "--id must be one word"),
+        (["serve", "--port", "0", "--id", "a\nb"], "--id must be one word"),
+        (["serve", "--port", "0", "--id", "bell\x07"], "--id must be one word"),
+        (["serve", "--port", "0", "--capacity", "many"], "'many' is not a whole number"),
+        (["serve", "--port", "0", "--max-connections", "0"], "must be >= 1"),
     ],
 )
 def test_bad_options_exit_2_with_their_own_subcommands_usage(
@@ -425,3 +441,14 @@ def test_progress_redraws_one_bar_on_a_terminal_and_writes_lines_elsewhere() -> 
     lines = log.getvalue().splitlines()
     assert lines[-1] == "run: 10/10 requests"
     assert len(lines) == len(set(lines))
+
+
+@pytest.mark.timeout(40)
+def test_serve_names_an_ipv6_address_with_brackets_and_call_reaches_it() -> None:
+    with line_server("--host", "::1") as (server, address):
+        assert re.fullmatch(r"\[::1\]:\d+", address), address
+        done = run_python("-m", "callosum_gevent", "call", address, "six")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == f"six\n(answered by {address} on slot 0 at {address})\n"
+        _out, err = stop(server)
+    assert server.returncode == 0, err

@@ -326,3 +326,160 @@ def test_a_connection_the_drain_closed_under_a_lent_socket_gives_no_reply(start:
         with pytest.raises(NoReply):
             request(sock, "lost")
         client.discard_connection(sock)
+
+
+# -- found by review: handshakes, restarts and the drained count -------------
+
+
+def tls_contexts() -> tuple[Any, Any]:
+    ca = trustme.CA()
+    server_ctx = gevent.ssl.SSLContext(gevent.ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    client_ctx = gevent.ssl.SSLContext(gevent.ssl.PROTOCOL_TLS_CLIENT)
+    ca.configure_trust(client_ctx)
+    return server_ctx, client_ctx
+
+
+def test_drain_cuts_a_connection_still_in_its_tls_handshake(start: Start) -> None:
+    server_ctx, _ = tls_contexts()
+    service = LineService("tls")
+    # A handshake may take up to 30 s; the drain must not wait for it.
+    server = start(service, ssl_context=server_ctx, slot_line_timeout=30, marks_requests=True)
+    silent = gevent.socket.create_connection(address(server), timeout=10)  # never says hello
+    assert wait_for(lambda: server.stats()["active"] == 0 and server._live == 1)
+    began = time.monotonic()
+    assert server.drain(timeout=10) is True
+    assert time.monotonic() - began < 5  # generous; before the fix it waited the 30 s out
+    assert closed_by_peer(silent)
+    stats = server.stats()
+    assert stats["failed"] == 0  # not the peer's failure: the drain refused it
+    assert stats["refused"] == 1
+    assert stats["accepted"] == 0
+    silent.close()
+
+
+def test_a_tls_connection_whose_greenlet_starts_after_the_drain_has_no_handshake() -> None:
+    server_ctx, _ = tls_contexts()
+    spawned = gevent.event.Event()
+
+    def spawn_later(func: Any, *args: Any) -> Any:
+        spawned.set()
+        return gevent.spawn_later(0.2, func, *args)
+
+    server = CallosumServer(
+        ("127.0.0.1", 0), LineService("t"), ssl_context=server_ctx, spawn=spawn_later
+    )
+    server.start()
+    try:
+        raw = gevent.socket.create_connection(address(server), timeout=5)
+        assert spawned.wait(timeout=5)
+        assert server.drain(timeout=5) is True
+        assert closed_by_peer(raw)  # closed without a handshake
+        assert server.stats()["refused"] == 1 and server.stats()["failed"] == 0
+        raw.close()
+    finally:
+        server.stop(timeout=1)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        gevent.sleep(0.01)
+    return True
+
+
+@pytest.mark.parametrize("how", ["drain", "stop", "drain timed out"])
+def test_start_after_a_drain_raises_instead_of_half_starting(how: str) -> None:
+    gate = Gate()
+    server = CallosumServer(("127.0.0.1", 0), gate, marks_requests=True)
+    gate.server = server
+    server.start()
+    try:
+        if how == "drain":
+            assert server.drain(timeout=5) is True
+        elif how == "stop":
+            server.stop(timeout=1)
+        else:
+            sock = connect(server)
+            sock.sendall(b"stuck\n")
+            assert gate.inside.wait(timeout=5)
+            assert server.drain(timeout=0) is False
+        with pytest.raises(RuntimeError, match="drain"):
+            server.start()
+        with pytest.raises(RuntimeError, match="drain"):
+            server.serve_forever()
+        assert getattr(server, "socket", None) is None or server.socket.fileno() == -1
+    finally:
+        gate.release.set()
+        server.stop(timeout=1)
+
+
+def test_a_closed_server_that_never_drained_still_starts_again() -> None:
+    service = LineService("again")
+    server = CallosumServer(("127.0.0.1", 0), service)
+    service.server = server
+    server.start()
+    server.close()  # StreamServer's close: no drain, so it may start again
+    server.start()
+    try:
+        sock = connect(server)
+        assert request(sock, "hi") == ("again", "hi")
+        sock.close()
+    finally:
+        server.stop(timeout=1)
+
+
+def test_a_connection_that_closed_itself_is_not_counted_as_drained(start: Start) -> None:
+    service = LineService("c")
+    server = start(service, marks_requests=True)
+    gone, stays = connect(server), connect(server)
+    assert wait_for(lambda: server.stats()["active"] == 2)
+    gone.close()  # its handler has not seen the EOF yet when the drain begins
+    assert server.drain(timeout=5) is True
+    assert closed_by_peer(stays)
+    assert server.stats()["drained"] == 1  # only the one the drain closed
+    stays.close()
+
+
+def test_a_connection_its_handler_closed_is_not_counted_as_drained(start: Start) -> None:
+    closed = gevent.event.Event()
+    leave = gevent.event.Event()
+    box: list[CallosumServer] = []
+
+    def handler(sock: Any, address: Any) -> None:
+        with box[0].request(sock):
+            sock.recv(16)
+        sock.close()  # done with it, but still cleaning up when the drain comes
+        closed.set()
+        leave.wait()
+
+    server = start(handler)
+    box.append(server)
+    sock = connect(server)
+    sock.sendall(b"bye\n")
+    assert closed.wait(timeout=5)
+    drainer = gevent.spawn(server.drain, 5)
+    gevent.sleep(0.05)
+    leave.set()
+    assert drainer.get(timeout=5) is True
+    assert server.stats()["drained"] == 0
+    sock.close()
+
+
+# gevent's own wrap_socket builds its context with the deprecated PROTOCOL_TLS.
+@pytest.mark.filterwarnings("ignore:ssl.PROTOCOL_TLS is deprecated:DeprecationWarning")
+def test_tls_from_keyfile_and_certfile_still_serves_and_drains(start: Start) -> None:
+    ca = trustme.CA()
+    client_ctx = gevent.ssl.SSLContext(gevent.ssl.PROTOCOL_TLS_CLIENT)
+    ca.configure_trust(client_ctx)
+    with ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.tempfile() as pem:
+        service = LineService("pem")
+        server = start(service, keyfile=pem, certfile=pem)  # gevent.ssl.wrap_socket's way
+        raw = gevent.socket.create_connection(address(server), timeout=5)
+        with client_ctx.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            read_slot_line(sock, timeout=5)
+            assert request(sock, "hi") == ("pem", "hi")
+            assert server.drain(timeout=5) is True
+            assert closed_by_peer(sock)

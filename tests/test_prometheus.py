@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -658,3 +659,72 @@ def test_without_prometheus_client_the_import_error_names_the_extra() -> None:
 def test_the_package_imports_without_the_extra() -> None:
     code = "import sys; sys.modules['prometheus_client'] = None; import callosum_gevent"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=20)
+
+
+def pool_in_another_thread(
+    collector: CallosumCollector, name: str, *, then: Callable[[], object]
+) -> Any:
+    """Add a pool from an OS thread of its own (its own hub), then run ``then`` there."""
+    added = gevent.monkey.get_original("threading", "Event")()
+
+    def run() -> None:
+        with CallosumClient(max_slots=2) as other:
+            collector.add_pool(other, pool=name)
+            added.set()
+            then()
+
+    thread = _Thread(target=run, daemon=True)
+    thread.start()
+    added.wait(10)
+    return thread
+
+
+def test_a_scrape_shares_one_deadline_across_hubs_that_do_not_answer(
+    client: CallosumClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    collector = CallosumCollector(client, pool="here", hub_timeout=0.5)
+    registry = CollectorRegistry()
+    registry.register(collector)
+    release = gevent.monkey.get_original("threading", "Event")()
+    # Each thread's hub is stuck in an OS-level wait: it never runs the read.
+    threads = [
+        pool_in_another_thread(collector, f"stuck{i}", then=lambda: release.wait(20))
+        for i in range(4)
+    ]
+    try:
+        began = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="callosum_gevent"):
+            body = generate_latest(registry)
+        took = time.monotonic() - began
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(10)
+    assert b'callosum_ready{pool="here"} 0.0' in body  # read, though empty
+    assert b"stuck" not in body
+    # One deadline for the whole scrape, not 0.5 s per hub (2 s for four);
+    # the margin is generous.
+    assert took < 1.5, took
+
+
+@pytest.mark.parametrize("how", ["destroyed", "thread ended"])
+def test_a_pool_whose_hub_is_gone_is_left_out_without_waiting_or_raising(
+    client: CallosumClient, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    collector = CallosumCollector(client, pool="here", hub_timeout=5)
+    registry = CollectorRegistry()
+    registry.register(collector)
+
+    def end() -> None:
+        if how == "destroyed":
+            gevent.get_hub().destroy(destroy_loop=True)
+
+    pool_in_another_thread(collector, "gone", then=end).join(10)
+    with caplog.at_level(logging.WARNING, logger="callosum_gevent"):
+        began = time.monotonic()
+        body = generate_latest(registry)
+        assert time.monotonic() - began < 2.5  # generous: it must not wait 5 s
+        generate_latest(registry)
+    assert b'callosum_ready{pool="here"} 0.0' in body  # read, though empty
+    assert b'pool="gone"' not in body
+    assert caplog.text.count("gone") == 1  # said once, not at every scrape
