@@ -39,6 +39,7 @@ _MAX_SLOT_NUMBER: Final = 2**31 - 1
 
 # Lease times and connection ages: monotonic, and the cheapest such clock.
 _clock = perf_counter
+_get_ident = threading.get_ident
 
 # What new_connection accepts: the stdlib's and gevent's sockets (TLS ones
 # subclass them). Both keep ``_closed`` and ``timeout``, read at each return.
@@ -124,10 +125,21 @@ class _Lease:
                 "this lease is already in use: call client.connection() for each with block"
             )
         client = self._client
-        sock = client.get_connection(self._timeout)
-        self._conn = conn = client._conns[sock]
+        timeout = self._timeout
+        if timeout is not None:
+            timeout = _check_timeout(timeout)
+        # get_connection's fast path, inlined: the with block is the hot path,
+        # and it needs the connection, not just its socket.
+        conn = client._state.lend()
+        if conn is not None and not conn.poll(0):
+            conn.io.stop()
+            conn.lent_at = client._loop.iteration
+            conn.lent_time = _clock()
+        else:
+            conn = client._lend_slowly(conn, timeout)
         conn.holder = self
-        return sock
+        self._conn = conn
+        return conn.item
 
     def __exit__(
         self,
@@ -139,10 +151,10 @@ class _Lease:
         if conn is None:
             raise RuntimeError("this lease was not entered")
         self._conn = None
-        state = conn.state
-        if conn.holder is not self or state < LEASED or state == CLOSED:
-            return  # given back in the block; maybe lent again since: not ours
-        conn.holder = None
+        if conn.holder is not self:
+            # Given back or discarded in the block (maybe lent again since),
+            # or the parent's after a fork: not ours to give back.
+            return
         if exc_type is None:
             self._client.return_connection(conn.item)
         else:
@@ -413,23 +425,26 @@ class CallosumClient:
             conn.io.stop()
             conn.lent_at = self._loop.iteration
             conn.lent_time = _clock()
-            conn.holder = None
             return conn.item
+        return self._lend_slowly(conn, timeout).item
+
+    def _lend_slowly(self, conn: _Conn | None, timeout: float | None) -> _Conn:
+        # The slow path of lending: ``conn`` was found dead at hand-out (or is
+        # None); skip any other dead ones, else wait. The caller sets the holder.
         if conn is not None:
             self._dead_at_handout += 1
             self._fail(conn, "found dead at hand-out")
-        sock = self._take_idle()
-        return sock if sock is not None else self._wait(timeout)
+        taken = self._take_idle()
+        return taken if taken is not None else self._wait(timeout)
 
-    def _take_idle(self) -> Any:
-        # The slow path of get_connection: skip idle connections found dead.
+    def _take_idle(self) -> _Conn | None:
+        # Skip idle connections found dead; lend the first live one.
         while (conn := self._state.lend()) is not None:
             if not conn.poll(0):
                 conn.io.stop()
                 conn.lent_at = self._loop.iteration
                 conn.lent_time = _clock()
-                conn.holder = None
-                return conn.item
+                return conn
             self._dead_at_handout += 1
             self._fail(conn, "found dead at hand-out")
         return None
@@ -481,6 +496,10 @@ class CallosumClient:
             return
         if sock.timeout is not conn.timeout and sock.timeout != conn.timeout:
             sock.settimeout(conn.timeout)
+        # Given back: a with block that still names this lease must not give it
+        # back again. Cleared here and in _drop, the holder is None whenever a
+        # connection is idle or handed over, so lending need not clear it.
+        conn.holder = None
         if self._state.waiters:
             conn.server.lease(_clock() - conn.lent_time)
             self._release(conn)  # the waiter checks it when it wakes: one poll, not two
@@ -525,22 +544,24 @@ class CallosumClient:
         # Hand a LEASED connection to the longest waiter, or make it idle.
         waiter = self._state.dequeue()
         if waiter is not None:
-            # In transit until the waiter wakes: nobody may return or discard it.
-            self._state.hand(conn)
+            # In transit until the waiter wakes: nobody may return or discard it
+            # (LEASED -> HANDED, set here rather than through a call: hot path).
+            conn.state = HANDED
             waiter.conn = conn
             waiter.event.set()
             return
         self._state.restore(conn)
         conn.io.start(conn.wake)
 
-    def _wait(self, timeout: float | None) -> Any:
+    def _wait(self, timeout: float | None) -> _Conn:
         if self._closed:
             raise PoolClosed("client is closed")
         if timeout == 0:
             self._timeouts += 1
             raise PoolTimeout("no idle connection")
         # Waiting needs this thread's hub: from another thread it would end in LoopExit.
-        self._check_thread()
+        if _get_ident() != self._thread:
+            self._check_thread()
         self._waits += 1
         waiter = _Waiter()
         # self._state, not a local: a fork while waiting replaces it.
@@ -561,11 +582,11 @@ class CallosumClient:
                 conn = waiter.conn
                 if conn is not None:
                     waiter.conn = None
-                    sock = self._vet_handed(conn)
-                    if sock is None:
-                        sock = self._take_idle()
-                    if sock is not None:
-                        return sock
+                    taken = self._vet_handed(conn)
+                    if taken is None:
+                        taken = self._take_idle()
+                    if taken is not None:
+                        return taken
                     # It went bad on the way: wait again at the head of the
                     # queue, where this waiter already stood.
                     self._state.enqueue(waiter, first=True)
@@ -592,9 +613,9 @@ class CallosumClient:
             if timer is not None:
                 timer.close()
 
-    def _vet_handed(self, conn: _Conn) -> Any:
+    def _vet_handed(self, conn: _Conn) -> _Conn | None:
         # Check a connection handed over while this waiter slept; None if unfit.
-        if not self._state.take(conn):
+        if conn.state != HANDED:
             pass  # closed on its way: retired, or the parent's after a fork
         elif self._closed:
             self._drop(conn, "client closed")
@@ -602,10 +623,10 @@ class CallosumClient:
             self._dead_at_handout += 1
             self._fail(conn, "found dead at hand-out")
         else:
+            conn.state = LEASED  # taken by the waiter: HANDED -> LEASED
             conn.lent_at = self._loop.iteration
             conn.lent_time = _clock()
-            conn.holder = None
-            return conn.item
+            return conn
         return None
 
     # -- closing -----------------------------------------------------------
@@ -617,6 +638,7 @@ class CallosumClient:
         self._drop(conn, why)
 
     def _drop(self, conn: _Conn, why: str) -> None:
+        conn.holder = None
         self._state.remove(conn)
         self._close(conn)
         _log.debug("closed slot %d of %r: %s", conn.slot, conn.server.id, why)

@@ -15,9 +15,11 @@ A connection moves through these states::
                                        IDLE or HANDED one also when retired
 
 A HANDED connection belongs to nobody: it refuses returns and discards, so a
-stale second return cannot reach the waiter's socket. ``Entry.holder`` names
-the lease that holds a LEASED connection (None for the raw API), so a ``with``
-block can tell its own lease from a later one of the same socket.
+stale second return cannot reach the waiter's socket. The client sets HANDED
+and takes it back to LEASED itself (the hand-over is its hot path).
+``Entry.holder`` names the lease that holds a LEASED or RETIRED connection
+(None for the raw API, and once given back), so a ``with`` block can tell its
+own lease from a later one of the same socket.
 
 Both heaps delete lazily: a connection that leaves a heap other than through
 its top stays in the list as a stale key until it surfaces or the heap is
@@ -169,17 +171,6 @@ class PoolState(Generic[E, W]):
                 return entry
             self._stale_idle -= 1
         return None
-
-    def hand(self, entry: E) -> None:
-        """Mark a LEASED connection as in transit to a waiter (HANDED)."""
-        entry.state = HANDED
-
-    def take(self, entry: E) -> bool:
-        """Let a waiter take a HANDED connection (now LEASED); False if it is gone."""
-        if entry.state != HANDED:
-            return False
-        entry.state = LEASED
-        return True
 
     def restore(self, entry: E) -> None:
         """Make a LEASED or HANDED connection idle again."""
