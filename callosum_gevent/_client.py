@@ -45,9 +45,10 @@ _get_ident = threading.get_ident
 # subclass them). Both keep ``_closed`` and ``timeout``, read at each return.
 _SOCKET_TYPES: Final = (socket.socket, gsocket.socket)
 
-# Every connection pooled by any client in this process, by descriptor: one
-# socket offered to two clients would be lent by both at once.
-_pooled: dict[int, _Conn] = {}
+# Every socket pooled by any client in this process, by descriptor: one socket
+# offered to two clients would be lent by both at once. Weak, so that a client
+# dropped without close() lets its sockets go as before.
+_pooled: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
 
 class _Socket(Protocol):
@@ -230,7 +231,11 @@ class CallosumClient:
 
     A client belongs to the hub of the OS thread that created it; all of its
     methods run without yielding between reading and updating the
-    bookkeeping, so greenlets share it without locks, but threads must not.
+    bookkeeping, so greenlets share it without locks, but threads must not:
+    offering a connection or waiting for one from another thread raises
+    :class:`RuntimeError` (lending and returning are not checked, to keep
+    them cheap). In a forked child the client starts empty, with its counters
+    at zero; the parent's connections are closed in the child, never lent.
 
     Pooled TCP sockets get keepalive (``keepalive_idle`` seconds of silence,
     then ``keepalive_count`` probes ``keepalive_interval`` seconds apart), so
@@ -342,7 +347,7 @@ class CallosumClient:
         if sock in self._conns:
             raise ValueError("sock is already pooled by this client")
         other = _pooled.get(fd)
-        if other is not None and other.state != CLOSED and other.item.fileno() == fd:
+        if other is not None and not other._closed and other.fileno() == fd:
             raise ValueError("sock is already pooled by another client")
         try:
             hash(server)
@@ -368,7 +373,7 @@ class CallosumClient:
             _close_quietly(sock)
             return False
         self._kept += 1
-        _pooled[fd] = conn
+        _pooled[fd] = sock
         conn.poll = _unfit_check(sock, fd)
         conn.io = io = self._loop.io(fd, _READ)
         # An idle pool must not keep the hub alive on its own.
@@ -649,7 +654,7 @@ class CallosumClient:
         conn.io.close()
         conn.wake = None
         self._conns.pop(conn.item, None)
-        if _pooled.get(conn.fd) is conn:
+        if _pooled.get(conn.fd) is conn.item:
             del _pooled[conn.fd]
         _close_quietly(conn.item)
 
