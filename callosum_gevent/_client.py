@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import weakref
 from collections.abc import Hashable
 from functools import partial
@@ -39,7 +38,9 @@ _MAX_SLOT_NUMBER: Final = 2**31 - 1
 
 # Lease times and connection ages: monotonic, and the cheapest such clock.
 _clock = perf_counter
-_get_ident = threading.get_ident
+# The OS thread's id, unpatched: monkey-patching makes threading.get_ident
+# name the greenlet, and greenlets of one thread share a client.
+_get_ident = get_original("_thread", "get_ident")
 
 # What new_connection accepts: the stdlib's and gevent's sockets (TLS ones
 # subclass them). Both keep ``_closed`` and ``timeout``, read at each return.
@@ -270,7 +271,7 @@ class CallosumClient:
         self._hub = gevent.get_hub()
         self._loop = self._hub.loop
         # The hub is per OS thread: the thread's id tells a foreign caller cheaply.
-        self._thread = threading.get_ident()
+        self._thread = _get_ident()
         self._state: PoolState[_Conn, _Waiter] = PoolState(max_slots)
         # Every connection this client owns, idle or lent, by its socket.
         self._conns: dict[Any, _Conn] = {}
@@ -285,7 +286,7 @@ class CallosumClient:
         self._early_deaths = self._retired = 0
 
     def _check_thread(self) -> None:
-        if threading.get_ident() != self._thread:
+        if _get_ident() != self._thread:
             raise RuntimeError(
                 "a CallosumClient belongs to the OS thread (and gevent hub) that made it; "
                 "create one client per thread"
@@ -687,7 +688,7 @@ class CallosumClient:
         waiters = self._state.waiters
         self._hub = gevent.get_hub()
         self._loop = self._hub.loop
-        self._thread = threading.get_ident()
+        self._thread = _get_ident()
         self._conns = {}
         self._state = PoolState[_Conn, _Waiter](self._max_slots)
         self._state.waiters = waiters
