@@ -479,7 +479,9 @@ class CallosumClient:
         real one (the socket is not tied to a borrower): prefer
         :meth:`connection`, whose leases can. A socket closed by its borrower
         is dropped, and one whose timeout or blocking mode the borrower changed
-        gets the pool's back.
+        gets the pool's back. One half-closed with ``shutdown(SHUT_WR)`` is not
+        seen (the check would cost a system call per return): it is dropped
+        once its peer closes in turn, else its next borrower's send fails.
         """
         try:
             conn = self._conns.get(sock)
