@@ -13,12 +13,13 @@ from types import TracebackType
 from typing import Any, Final, Protocol
 
 import gevent
+from gevent import socket as gsocket
 from gevent.event import Event
 from gevent.monkey import get_original
 from greenlet import greenlet
 
 from ._servers import Server
-from ._state import IDLE, LEASED, RETIRED, Entry, PoolState
+from ._state import CLOSED, HANDED, IDLE, LEASED, RETIRED, Entry, PoolState
 from .errors import PoolClosed, PoolTimeout
 
 __all__ = ["CallosumClient"]
@@ -37,9 +38,23 @@ _MAX_SLOT_NUMBER: Final = 2**31 - 1
 
 # Lease times and connection ages: monotonic, and the cheapest such clock.
 _clock = perf_counter
+# The OS thread's id, unpatched: monkey-patching makes threading.get_ident
+# name the greenlet, and greenlets of one thread share a client.
+_get_ident = get_original("_thread", "get_ident")
+
+# What new_connection accepts: the stdlib's and gevent's sockets (TLS ones
+# subclass them). Both keep ``_closed`` and ``timeout``, read at each return.
+_SOCKET_TYPES: Final = (socket.socket, gsocket.socket)
+
+# Every socket pooled by any client in this process, by descriptor: one socket
+# offered to two clients would be lent by both at once. Weak, so that a client
+# dropped without close() lets its sockets go as before.
+_pooled: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
 
 class _Socket(Protocol):
+    @property
+    def timeout(self) -> float | None: ...
     def fileno(self) -> int: ...
     def close(self) -> None: ...
 
@@ -47,7 +62,7 @@ class _Socket(Protocol):
 class _Conn(Entry):
     """A pooled connection: the bookkeeping entry plus its I/O helpers."""
 
-    __slots__ = ("born", "fd", "io", "lent_at", "lent_time", "poll", "raw", "wake")
+    __slots__ = ("born", "fd", "io", "lent_at", "lent_time", "poll", "timeout", "wake")
 
     item: Any
     poll: Any
@@ -59,9 +74,9 @@ class _Conn(Entry):
         self.fd = fd
         self.lent_at = -1
         self.born = self.lent_time = _clock()
-        # A gevent socket swaps its _sock for a placeholder when closed: an
-        # identity test tells a locally closed socket far cheaper than fileno().
-        self.raw = getattr(sock, "_sock", None)
+        # What the pool lends it with: a borrower's settimeout() or
+        # setblocking() must not reach the next borrower.
+        self.timeout = sock.timeout
 
 
 class _Waiter:
@@ -92,16 +107,41 @@ def _evict_idle(client: CallosumClient, conn: _Conn) -> None:
 
 
 class _Lease:
-    """``with client.connection() as sock``: return on success, discard on error."""
+    """``with client.connection() as sock``: return on success, discard on error.
 
-    __slots__ = ("_client", "_sock", "_timeout")
+    Each lease is its own token (``Entry.holder``): at exit it gives back only
+    a socket it still holds. If the block gave the socket back itself (or it
+    was closed, or the process forked), exit does nothing, even when the
+    socket has since been lent to someone else.
+    """
+
+    __slots__ = ("_client", "_conn", "_timeout")
 
     _client: CallosumClient
+    _conn: _Conn | None
     _timeout: float | None
 
     def __enter__(self) -> Any:
-        self._sock = sock = self._client.get_connection(self._timeout)
-        return sock
+        if self._conn is not None:
+            raise RuntimeError(
+                "this lease is already in use: call client.connection() for each with block"
+            )
+        client = self._client
+        timeout = self._timeout
+        if timeout is not None:
+            timeout = _check_timeout(timeout)
+        # get_connection's fast path, inlined: the with block is the hot path,
+        # and it needs the connection, not just its socket.
+        conn = client._state.lend()
+        if conn is not None and not conn.poll(0):
+            conn.io.stop()
+            conn.lent_at = client._loop.iteration
+            conn.lent_time = _clock()
+        else:
+            conn = client._lend_slowly(conn, timeout)
+        conn.holder = self
+        self._conn = conn
+        return conn.item
 
     def __exit__(
         self,
@@ -109,12 +149,20 @@ class _Lease:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("this lease was not entered")
+        self._conn = None
+        if conn.holder is not self:
+            # Given back or discarded in the block (maybe lent again since),
+            # or the parent's after a fork: not ours to give back.
+            return
         if exc_type is None:
-            self._client.return_connection(self._sock)
+            self._client.return_connection(conn.item)
         else:
-            # The protocol state is unknown after an error, and the borrower may
-            # already have handed the socket back: never mask their exception.
-            self._client._discard(self._sock, quiet=True)
+            # The protocol state is unknown after an error: never mask the
+            # borrower's exception.
+            self._client._discard(conn.item, quiet=True)
 
 
 _new_lease = object.__new__
@@ -123,6 +171,7 @@ _clients: weakref.WeakSet[CallosumClient] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
+    _pooled.clear()
     for client in list(_clients):
         client._forget_inherited()
 
@@ -183,7 +232,11 @@ class CallosumClient:
 
     A client belongs to the hub of the OS thread that created it; all of its
     methods run without yielding between reading and updating the
-    bookkeeping, so greenlets share it without locks, but threads must not.
+    bookkeeping, so greenlets share it without locks, but threads must not:
+    offering a connection or waiting for one from another thread raises
+    :class:`RuntimeError` (lending and returning are not checked, to keep
+    them cheap). In a forked child the client starts empty, with its counters
+    at zero; the parent's connections are closed in the child, never lent.
 
     Pooled TCP sockets get keepalive (``keepalive_idle`` seconds of silence,
     then ``keepalive_count`` probes ``keepalive_interval`` seconds apart), so
@@ -217,15 +270,27 @@ class CallosumClient:
         self._max_slot_number = max_slot_number
         self._hub = gevent.get_hub()
         self._loop = self._hub.loop
+        # The hub is per OS thread: the thread's id tells a foreign caller cheaply.
+        self._thread = _get_ident()
         self._state: PoolState[_Conn, _Waiter] = PoolState(max_slots)
         # Every connection this client owns, idle or lent, by its socket.
         self._conns: dict[Any, _Conn] = {}
         self._closed = False
+        self._zero_counters()
+        _clients.add(self)
+
+    def _zero_counters(self) -> None:
         self._kept = self._turned_down = self._replaced = 0
         self._evicted = self._dead_at_handout = self._dead_at_return = 0
         self._discarded = self._waits = self._timeouts = 0
         self._early_deaths = self._retired = 0
-        _clients.add(self)
+
+    def _check_thread(self) -> None:
+        if _get_ident() != self._thread:
+            raise RuntimeError(
+                "a CallosumClient belongs to the OS thread (and gevent hub) that made it; "
+                "create one client per thread"
+            )
 
     # -- properties --------------------------------------------------------
 
@@ -264,26 +329,37 @@ class CallosumClient:
         highest one is retired: closed now if idle, or when handed back.
         ``server`` names the server ``sock`` is connected to (any hashable id,
         as a rover knows it); by default its peer address, ``"host:port"``.
-        A bad argument raises and leaves ``sock`` open for the caller.
+        A bad argument raises and leaves ``sock`` open for the caller: not a
+        socket (a ``makefile()`` object, say), closed, not connected, not a
+        stream socket, or already pooled by this or another client.
         """
         if isinstance(slot, bool) or not isinstance(slot, int):
             raise TypeError(f"slot must be an int, not {type(slot).__name__}")
         if not 0 <= slot <= self._max_slot_number:
             raise ValueError(f"slot must be between 0 and {self._max_slot_number}, not {slot}")
-        fileno = getattr(sock, "fileno", None)
-        if not callable(fileno) or not callable(getattr(sock, "close", None)):
+        if not isinstance(sock, _SOCKET_TYPES):
             raise TypeError(f"sock must be a socket, not {type(sock).__name__}")
-        fd = fileno()
-        if not isinstance(fd, int) or fd < 0:
+        self._check_thread()
+        fd = sock.fileno()
+        if getattr(sock, "_closed", False) or fd < 0:
             raise ValueError("sock is closed")
+        if sock.type != socket.SOCK_STREAM:
+            raise ValueError(f"sock must be a stream socket, not {sock.type!r}")
         if sock in self._conns:
             raise ValueError("sock is already pooled by this client")
+        other = _pooled.get(fd)
+        if other is not None and not other._closed and other.fileno() == fd:
+            raise ValueError("sock is already pooled by another client")
         try:
             hash(server)
         except TypeError:
             raise TypeError(f"server must be hashable, not {type(server).__name__}") from None
+        try:
+            peer = sock.getpeername()
+        except OSError:
+            raise ValueError("sock is not connected") from None
         if server is None:
-            server = _peer_name(sock)
+            server = _peer_name(peer)
         if self._closed:
             _close_quietly(sock)
             self._turned_down += 1
@@ -294,10 +370,11 @@ class CallosumClient:
         kept, displaced = self._state.admit(conn)
         if not kept:
             self._turned_down += 1
-            _log.debug("turned down slot %d", slot)
+            _log.debug("turned down slot %d of %r", slot, server)
             _close_quietly(sock)
             return False
         self._kept += 1
+        _pooled[fd] = sock
         conn.poll = _unfit_check(sock, fd)
         conn.io = io = self._loop.io(fd, _READ)
         # An idle pool must not keep the hub alive on its own.
@@ -308,11 +385,18 @@ class CallosumClient:
         self._conns[sock] = conn
         if displaced is not None:
             self._replaced += 1
-            _log.debug("slot %d replaces slot %d", slot, displaced.slot)
+            _log.debug(
+                "slot %d of %r replaces slot %d of %r",
+                slot,
+                server,
+                displaced.slot,
+                displaced.server.id,
+            )
             if displaced.state != RETIRED:
-                self._close(displaced)  # it was idle: the bookkeeping already let it go
+                # Idle or on its way to a waiter: the bookkeeping already let it go.
+                self._close(displaced)
         else:
-            _log.debug("kept slot %d", slot)
+            _log.debug("kept slot %d of %r", slot, server)
         self._release(conn)
         return True
 
@@ -348,37 +432,56 @@ class CallosumClient:
             conn.lent_at = self._loop.iteration
             conn.lent_time = _clock()
             return conn.item
+        return self._lend_slowly(conn, timeout).item
+
+    def _lend_slowly(self, conn: _Conn | None, timeout: float | None) -> _Conn:
+        # The slow path of lending: ``conn`` was found dead at hand-out (or is
+        # None); skip any other dead ones, else wait. The caller sets the holder.
         if conn is not None:
             self._dead_at_handout += 1
             self._fail(conn, "found dead at hand-out")
-        sock = self._take_idle()
-        return sock if sock is not None else self._wait(timeout)
+        taken = self._take_idle()
+        return taken if taken is not None else self._wait(timeout)
 
-    def _take_idle(self) -> Any:
-        # The slow path of get_connection: skip idle connections found dead.
+    def _take_idle(self) -> _Conn | None:
+        # Skip idle connections found dead; lend the first live one.
         while (conn := self._state.lend()) is not None:
             if not conn.poll(0):
                 conn.io.stop()
                 conn.lent_at = self._loop.iteration
                 conn.lent_time = _clock()
-                return conn.item
+                return conn
             self._dead_at_handout += 1
             self._fail(conn, "found dead at hand-out")
         return None
 
     def connection(self, timeout: float | None = None) -> _Lease:
-        """Lend a connection for a ``with`` block; discard it if the block raises."""
-        # object.__new__ and two stores cost half of a call to an __init__.
+        """Lend a connection for a ``with`` block; discard it if the block raises.
+
+        At exit the block gives back only the socket it still holds: if it
+        already returned or discarded the socket itself, exit does nothing,
+        even if the socket was lent to someone else meanwhile. A lease is
+        entered by one ``with`` at a time (else :class:`RuntimeError`).
+        """
+        # object.__new__ and three stores cost less than a call to an __init__.
         lease = _new_lease(_Lease)
         lease._client = self
         lease._timeout = timeout
+        lease._conn = None
         return lease
 
     def return_connection(self, sock: Any) -> None:
         """Hand back a lent connection: pool it, or close it if it is unfit.
 
-        A socket not lent from this client (foreign, or returned twice) raises
-        :class:`ValueError` and changes nothing.
+        A socket not lent from this client (foreign, idle, or already handed
+        back and not lent again) raises :class:`ValueError` and changes nothing.
+        A stale return after the socket was lent again cannot be told from a
+        real one (the socket is not tied to a borrower): prefer
+        :meth:`connection`, whose leases can. A socket closed by its borrower
+        is dropped, and one whose timeout or blocking mode the borrower changed
+        gets the pool's back. One half-closed with ``shutdown(SHUT_WR)`` is not
+        seen (the check would cost a system call per return): it is dropped
+        once its peer closes in turn, else its next borrower's send fails.
         """
         try:
             conn = self._conns.get(sock)
@@ -389,14 +492,23 @@ class CallosumClient:
                 conn.server.lease(_clock() - conn.lent_time)
                 self._drop(conn, "retired")
                 return
-            raise ValueError("sock is not lent from this client")
-        raw = conn.raw
+            raise ValueError(_not_lent(conn))
         if self._closed:
             self._drop(conn, "client closed")
-        elif sock._sock is not raw if raw is not None else sock.fileno() != conn.fd:
+            return
+        if sock._closed:
+            # Closed by its borrower; gevent defers the real close while a
+            # makefile() object lives, so the descriptor may still be open.
             self._dead_at_return += 1
-            self._fail(conn, "found dead at return")
-        elif self._state.waiters:
+            self._fail(conn, "closed by its borrower")
+            return
+        if sock.timeout is not conn.timeout and sock.timeout != conn.timeout:
+            sock.settimeout(conn.timeout)
+        # Given back: a with block that still names this lease must not give it
+        # back again. Cleared here and in _drop, the holder is None whenever a
+        # connection is idle or handed over, so lending need not clear it.
+        conn.holder = None
+        if self._state.waiters:
             conn.server.lease(_clock() - conn.lent_time)
             self._release(conn)  # the waiter checks it when it wakes: one poll, not two
         elif (
@@ -427,10 +539,10 @@ class CallosumClient:
 
     def _discard(self, sock: Any, *, quiet: bool) -> None:
         conn = self._lent(sock)
-        if conn is None or conn.state == IDLE:
+        if conn is None or conn.state < LEASED:
             if quiet:
                 return
-            raise ValueError("sock is not lent from this client")
+            raise ValueError(_not_lent(conn))
         self._discarded += 1
         self._fail(conn, "discarded")
 
@@ -440,29 +552,37 @@ class CallosumClient:
         # Hand a LEASED connection to the longest waiter, or make it idle.
         waiter = self._state.dequeue()
         if waiter is not None:
+            # In transit until the waiter wakes: nobody may return or discard it
+            # (LEASED -> HANDED, set here rather than through a call: hot path).
+            conn.state = HANDED
             waiter.conn = conn
             waiter.event.set()
             return
         self._state.restore(conn)
         conn.io.start(conn.wake)
 
-    def _wait(self, timeout: float | None) -> Any:
+    def _wait(self, timeout: float | None) -> _Conn:
         if self._closed:
             raise PoolClosed("client is closed")
         if timeout == 0:
             self._timeouts += 1
             raise PoolTimeout("no idle connection")
+        # Waiting needs this thread's hub: from another thread it would end in LoopExit.
+        if _get_ident() != self._thread:
+            self._check_thread()
         self._waits += 1
-        state = self._state
         waiter = _Waiter()
-        state.enqueue(waiter)
+        # self._state, not a local: a fork while waiting replaces it.
+        self._state.enqueue(waiter)
         event = waiter.event
         # One timer for the whole wait, setting the same Event as a handover:
         # a gevent.Timeout per Event.wait() would cost more than the wait.
         timer = None
         if timeout is not None:
             timer = self._loop.timer(timeout)
-            timer.start(_expire, waiter)
+            # From the current time: the loop's cached time is stale after
+            # CPU-bound work in this greenlet, and the wait would be cut short.
+            timer.start(_expire, waiter, update=True)
         try:
             while True:
                 event.wait()
@@ -470,14 +590,14 @@ class CallosumClient:
                 conn = waiter.conn
                 if conn is not None:
                     waiter.conn = None
-                    sock = self._vet_handed(conn)
-                    if sock is None:
-                        sock = self._take_idle()
-                    if sock is not None:
-                        return sock
+                    taken = self._vet_handed(conn)
+                    if taken is None:
+                        taken = self._take_idle()
+                    if taken is not None:
+                        return taken
                     # It went bad on the way: wait again at the head of the
                     # queue, where this waiter already stood.
-                    state.enqueue(waiter, first=True)
+                    self._state.enqueue(waiter, first=True)
                 if self._closed:
                     raise PoolClosed("client was closed while waiting")
                 if waiter.expired:
@@ -486,30 +606,35 @@ class CallosumClient:
         except BaseException:
             # Timed out, closed, killed or interrupted by an outer Timeout: leave
             # the queue, and pass on a connection handed over meanwhile.
-            state.cancel(waiter)
+            self._state.cancel(waiter)
             conn = waiter.conn
             if conn is not None:
                 waiter.conn = None
-                if conn.state == LEASED and not self._closed:
-                    self._release(conn)
-                else:
-                    self._drop(conn, "not taken")
+                # Not HANDED: closed on its way (retired, or the parent's after a fork).
+                if conn.state == HANDED:
+                    if self._closed:
+                        self._drop(conn, "not taken")
+                    else:
+                        self._release(conn)
             raise
         finally:
             if timer is not None:
                 timer.close()
 
-    def _vet_handed(self, conn: _Conn) -> Any:
+    def _vet_handed(self, conn: _Conn) -> _Conn | None:
         # Check a connection handed over while this waiter slept; None if unfit.
-        if conn.state != LEASED or self._closed:
-            self._drop(conn, "retired or client closed")
+        if conn.state != HANDED:
+            pass  # closed on its way: retired, or the parent's after a fork
+        elif self._closed:
+            self._drop(conn, "client closed")
         elif conn.poll(0):
             self._dead_at_handout += 1
             self._fail(conn, "found dead at hand-out")
         else:
+            conn.state = LEASED  # taken by the waiter: HANDED -> LEASED
             conn.lent_at = self._loop.iteration
             conn.lent_time = _clock()
-            return conn.item
+            return conn
         return None
 
     # -- closing -----------------------------------------------------------
@@ -521,9 +646,10 @@ class CallosumClient:
         self._drop(conn, why)
 
     def _drop(self, conn: _Conn, why: str) -> None:
+        conn.holder = None
         self._state.remove(conn)
         self._close(conn)
-        _log.debug("closed slot %d: %s", conn.slot, why)
+        _log.debug("closed slot %d of %r: %s", conn.slot, conn.server.id, why)
 
     def _close(self, conn: _Conn) -> None:
         # Stop watching before closing: libev must never watch a closed fd.
@@ -531,6 +657,8 @@ class CallosumClient:
         conn.io.close()
         conn.wake = None
         self._conns.pop(conn.item, None)
+        if _pooled.get(conn.fd) is conn.item:
+            del _pooled[conn.fd]
         _close_quietly(conn.item)
 
     def close(self) -> None:
@@ -551,15 +679,22 @@ class CallosumClient:
         # In a forked child: the parent's connections are not ours to use. Close
         # our copies of the descriptors (the parent's stay open: no shutdown()),
         # and start afresh with the same settings.
+        # Marked CLOSED, so a with block, a waiter or a late return that still
+        # holds one lets it go quietly, and a reused descriptor number never
+        # lends it. The waiters stay queued, for the child's own connections.
         for conn in list(self._conns.values()):
+            conn.state = CLOSED
+            conn.holder = None
             conn.io.stop()
             _close_quietly(conn.item)
         waiters = self._state.waiters
         self._hub = gevent.get_hub()
         self._loop = self._hub.loop
+        self._thread = _get_ident()
         self._conns = {}
         self._state = PoolState[_Conn, _Waiter](self._max_slots)
         self._state.waiters = waiters
+        self._zero_counters()
 
     def retire_server(self, server: Hashable) -> int:
         """Retire every connection to ``server``; return how many.
@@ -575,7 +710,7 @@ class CallosumClient:
             return 0
         count = 0
         for conn in list(known.entries):
-            if conn.state not in (IDLE, LEASED):
+            if conn.state >= RETIRED:
                 continue  # already retired: it is closed when handed back
             count += 1
             if self._state.retire(conn):
@@ -640,16 +775,20 @@ class CallosumClient:
         )
 
 
-def _peer_name(sock: Any) -> str:
+def _peer_name(peer: Any) -> str:
     """Name a connection's server by its peer address: ``host:port``, ``[v6]:port``."""
-    try:
-        peer = sock.getpeername()
-    except (AttributeError, OSError):
-        return "unknown"
     if isinstance(peer, tuple) and len(peer) >= 2:
         host, port = peer[0], peer[1]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
     return str(peer) if peer else "unknown"
+
+
+def _not_lent(conn: _Conn | None) -> str:
+    if conn is None:
+        return "sock is not lent from this client"
+    if conn.state == HANDED:
+        return "sock is not lent: it was handed back and is on its way to a waiter"
+    return "sock is not lent: it is idle in the pool (handed back twice?)"
 
 
 def _close_quietly(sock: Any) -> None:

@@ -8,8 +8,18 @@ the caller closes sockets and wakes greenlets afterwards.
 A connection moves through these states::
 
     admit -> LEASED <-> IDLE          lend / restore
+             LEASED  -> HANDED         given back while a waiter queues: in transit
+             HANDED  -> LEASED         the waiter takes it
              LEASED  -> RETIRED        a better slot took its place while lent
-             any     -> CLOSED         remove (evicted, discarded, found dead)
+             any     -> CLOSED         remove (evicted, discarded, found dead); an
+                                       IDLE or HANDED one also when retired
+
+A HANDED connection belongs to nobody: it refuses returns and discards, so a
+stale second return cannot reach the waiter's socket. The client sets HANDED
+and takes it back to LEASED itself (the hand-over is its hot path).
+``Entry.holder`` names the lease that holds a LEASED or RETIRED connection
+(None for the raw API, and once given back), so a ``with`` block can tell its
+own lease from a later one of the same socket.
 
 Both heaps delete lazily: a connection that leaves a heap other than through
 its top stays in the list as a stale key until it surfaces or the heap is
@@ -26,10 +36,12 @@ from typing import Any, Final, Generic, TypeVar
 
 from ._servers import Server
 
+# Ordered: everything from RETIRED on holds no slot, everything below CLOSED is owned.
 IDLE: Final = 0
-LEASED: Final = 1
-RETIRED: Final = 2
-CLOSED: Final = 3
+HANDED: Final = 1
+LEASED: Final = 2
+RETIRED: Final = 3
+CLOSED: Final = 4
 
 _COMPACT_MIN: Final = 16
 
@@ -40,7 +52,7 @@ W = TypeVar("W")
 class Entry:
     """One connection as the bookkeeping sees it."""
 
-    __slots__ = ("_high", "_low", "item", "server", "slot", "state")
+    __slots__ = ("_high", "_low", "holder", "item", "server", "slot", "state")
 
     _low: tuple[int, int, Entry]
     _high: tuple[int, int, Entry]
@@ -50,12 +62,13 @@ class Entry:
         self.slot = slot
         self.item = item
         self.state = LEASED
+        self.holder: object = None
         # Without one, the state files it under the server id None at admission.
         if server is not None:
             self.server = server
 
     def __repr__(self) -> str:
-        state = ("idle", "leased", "retired", "closed")[self.state]
+        state = ("idle", "handed", "leased", "retired", "closed")[self.state]
         return f"<Entry slot={self.slot} {state}>"
 
 
@@ -109,8 +122,8 @@ class PoolState(Generic[E, W]):
         """Offer a new connection; return (kept, the one it displaced).
 
         A kept entry starts LEASED to the caller, who then restores it or hands
-        it to a waiter. A displaced IDLE entry is now CLOSED and must be closed
-        by the caller; a displaced LEASED one is now RETIRED.
+        it to a waiter. A displaced IDLE or HANDED entry is now CLOSED and must
+        be closed by the caller; a displaced LEASED one is now RETIRED.
         """
         displaced = None
         if getattr(entry, "server", None) is None:
@@ -126,13 +139,17 @@ class PoolState(Generic[E, W]):
             heappop(high)
             self.slot_count -= 1
             worst.server.retired += 1
-            if worst.state == IDLE:
-                worst.state = CLOSED
-                worst.server.entries.discard(worst)
-                self._note_stale_idle()
-            else:
+            if worst.state == LEASED:
                 worst.state = RETIRED
                 self.retired_count += 1
+            else:
+                # Idle, or in transit to a waiter who has not taken it yet:
+                # nobody holds it, so it closes now.
+                was_idle = worst.state == IDLE
+                worst.state = CLOSED
+                worst.server.entries.discard(worst)
+                if was_idle:
+                    self._note_stale_idle()
             displaced = worst
         self._seq = seq = self._seq + 1
         item: Entry = entry
@@ -156,7 +173,7 @@ class PoolState(Generic[E, W]):
         return None
 
     def restore(self, entry: E) -> None:
-        """Make a LEASED connection idle again."""
+        """Make a LEASED or HANDED connection idle again."""
         entry.state = IDLE
         heappush(self._idle, entry._low)
 
@@ -178,11 +195,12 @@ class PoolState(Generic[E, W]):
     def retire(self, entry: E) -> bool:
         """Give up a slot holder on purpose; return whether it is now CLOSED.
 
-        An IDLE entry is CLOSED and must be closed by the caller; a LEASED one
-        is RETIRED, closed when handed back. Anything else is left alone.
+        An IDLE or HANDED entry is CLOSED and must be closed by the caller; a
+        LEASED one is RETIRED, closed when handed back. Anything else is left
+        alone.
         """
         state = entry.state
-        if state == IDLE:
+        if state < LEASED:  # IDLE or HANDED
             entry.server.retired += 1
             self.remove(entry)
             return True
@@ -228,7 +246,7 @@ class PoolState(Generic[E, W]):
         for server_id, server in self.servers.items():
             states = [entry.state for entry in server.entries]
             idle = states.count(IDLE)
-            leased = states.count(LEASED)
+            leased = states.count(LEASED) + states.count(HANDED)
             report[server_id] = {
                 "connections": idle + leased,
                 "idle": idle,

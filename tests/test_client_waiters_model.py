@@ -2,7 +2,11 @@
 
 A plain model predicts which waiting greenlet receives which connection;
 after every step the counts agree, every finished waiter holds the socket the
-model gave it, and no socket is lost or left open.
+model gave it, no socket is held by two borrowers, and no socket is lost or
+left open. Borrowers also misbehave: they give a socket back twice while it
+is on its way to a waiter, return or discard one already idle, and leave a
+``with`` block whose socket they gave back themselves and which may since have
+been lent again; each must be refused or ignored, changing nothing.
 """
 
 from __future__ import annotations
@@ -24,8 +28,12 @@ from callosum_gevent import CallosumClient
 @dataclass
 class Waiter:
     greenlet: Any
+    lease: Any = None
     gets: Conn | None = None
     killed: bool = False
+    # Gave its socket back with return_connection inside its with block: the
+    # block's exit is still to come, and must do nothing.
+    exit_pending: bool = False
     extra: list[Any] = field(default_factory=list)
 
 
@@ -42,6 +50,7 @@ class WaitersModel(RuleBasedStateMachine):
         self.model = PoolModel(max_slots=1)
         self.queue: list[Waiter] = []  # still waiting, oldest first
         self.done: list[Waiter] = []
+        self.lent_once: list[Conn] = []  # every connection ever lent: stale handles
 
     @initialize(max_slots=st.integers(1, 3))
     def start(self, max_slots: int) -> None:
@@ -55,6 +64,8 @@ class WaitersModel(RuleBasedStateMachine):
         waiter.gets = conn
         conn.status = LEASED
         self.done.append(waiter)
+        if conn not in self.lent_once:
+            self.lent_once.append(conn)
 
     def hand_to_next_waiter(self, conn: Conn) -> None:
         if self.queue:
@@ -68,9 +79,13 @@ class WaitersModel(RuleBasedStateMachine):
             self.hand_to_next_waiter(conn)
         settle()
 
-    @rule()
-    def wait(self) -> None:
-        waiter = Waiter(gevent.spawn(self.client.get_connection, timeout=30))
+    @rule(with_block=st.booleans())
+    def wait(self, with_block: bool) -> None:
+        if with_block:
+            lease = self.client.connection(timeout=30)
+            waiter = Waiter(gevent.spawn(lease.__enter__), lease)
+        else:
+            waiter = Waiter(gevent.spawn(self.client.get_connection, timeout=30))
         lowest = self.model.lowest_idle()
         if lowest is not None:  # nobody queues while a connection is idle
             self.serve(waiter, lowest)
@@ -86,15 +101,21 @@ class WaitersModel(RuleBasedStateMachine):
         waiter.killed = True
         waiter.greenlet.kill(block=True)
 
-    @precondition(lambda self: any(w.gets and w.gets.status != CLOSED for w in self.done))
-    @rule(data=st.data())
-    def give_back(self, data: st.DataObject) -> None:
-        holders = [w for w in self.done if w.gets and w.gets.status != CLOSED]
-        waiter = data.draw(st.sampled_from(holders))
+    def holders(self) -> list[Waiter]:
+        return [w for w in self.done if w.gets and w.gets.status != CLOSED]
+
+    @precondition(lambda self: self.holders())
+    @rule(data=st.data(), by_exit=st.booleans())
+    def give_back(self, data: st.DataObject, by_exit: bool) -> None:
+        waiter = data.draw(st.sampled_from(self.holders()))
         conn = waiter.gets
         assert conn is not None
         waiter.gets = None
-        self.client.return_connection(conn.sock)
+        if by_exit and waiter.lease is not None:
+            waiter.lease.__exit__(None, None, None)
+        else:
+            self.client.return_connection(conn.sock)
+            waiter.exit_pending = waiter.lease is not None
         if conn.status == RETIRED:
             conn.status = CLOSED
         else:
@@ -122,6 +143,78 @@ class WaitersModel(RuleBasedStateMachine):
         self.hand_to_next_waiter(conn)
         settle()
         assert first.greenlet.dead
+
+    @precondition(lambda self: self.holders())
+    @rule(data=st.data(), by_exit=st.booleans())
+    def discard(self, data: st.DataObject, by_exit: bool) -> None:
+        waiter = data.draw(st.sampled_from(self.holders()))
+        conn = waiter.gets
+        assert conn is not None
+        waiter.gets = None
+        if by_exit and waiter.lease is not None:
+            error = OSError("mid-protocol")
+            waiter.lease.__exit__(OSError, error, None)
+        else:
+            self.client.discard_connection(conn.sock)
+            waiter.exit_pending = waiter.lease is not None
+        conn.status = CLOSED
+        settle()
+
+    @precondition(
+        lambda self: bool(self.queue) and any(w.gets and w.gets.status == LEASED for w in self.done)
+    )
+    @rule(data=st.data())
+    def give_back_twice_while_handed(self, data: st.DataObject) -> None:
+        holders = [w for w in self.done if w.gets and w.gets.status == LEASED]
+        waiter = data.draw(st.sampled_from(holders))
+        conn = waiter.gets
+        assert conn is not None
+        waiter.gets = None
+        self.client.return_connection(conn.sock)  # on its way to the first waiter
+        before = self.client.stats()
+        with pytest.raises(ValueError, match="not lent"):
+            self.client.return_connection(conn.sock)
+        with pytest.raises(ValueError, match="not lent"):
+            self.client.discard_connection(conn.sock)
+        if waiter.lease is not None:
+            waiter.lease.__exit__(OSError, OSError("after giving it back"), None)
+        assert self.client.stats() == before and not is_closed(conn.sock)
+        conn.status = IDLE
+        self.hand_to_next_waiter(conn)
+        settle()
+
+    @precondition(lambda self: any(w.exit_pending for w in self.done))
+    @rule(data=st.data(), raised=st.booleans())
+    def stale_exit(self, data: st.DataObject, raised: bool) -> None:
+        # The block gave its socket back itself; the socket may be idle, lent
+        # again (maybe to another with block), retired or closed by now.
+        waiter = data.draw(st.sampled_from([w for w in self.done if w.exit_pending]))
+        waiter.exit_pending = False
+        before = self.client.stats()
+        if raised:
+            waiter.lease.__exit__(OSError, OSError("late"), None)
+        else:
+            waiter.lease.__exit__(None, None, None)
+        assert self.client.stats() == before
+
+    @precondition(lambda self: any(c.status == IDLE for c in self.lent_once))
+    @rule(data=st.data())
+    def stale_return_of_idle(self, data: st.DataObject) -> None:
+        conn = data.draw(st.sampled_from([c for c in self.lent_once if c.status == IDLE]))
+        before = self.client.stats()
+        with pytest.raises(ValueError, match="not lent"):
+            self.client.return_connection(conn.sock)
+        with pytest.raises(ValueError, match="not lent"):
+            self.client.discard_connection(conn.sock)
+        assert self.client.stats() == before
+
+    @invariant()
+    def no_socket_held_by_two_borrowers(self) -> None:
+        held = [w.gets.sock for w in self.done if w.gets is not None]
+        assert len(held) == len({id(sock) for sock in held})
+        for waiter in self.done:
+            if waiter.gets is not None:
+                assert waiter.gets.status in (LEASED, RETIRED)
 
     @invariant()
     def counts_agree(self) -> None:

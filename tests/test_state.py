@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from callosum_gevent._state import CLOSED, IDLE, LEASED, RETIRED, Entry, PoolState
+from callosum_gevent._state import CLOSED, HANDED, IDLE, LEASED, RETIRED, Entry, PoolState
 
 
 def admit(state: PoolState[Entry, object], slot: int) -> tuple[Entry, bool, Entry | None]:
@@ -71,3 +71,20 @@ def test_waiters_fifo_with_cancel_and_requeue_first() -> None:
     assert state.dequeue() == "a"
     state.enqueue("a", first=True)
     assert [state.dequeue() for _ in range(4)] == ["a", "c", "d", None]
+
+
+def test_handed_entry_closes_when_displaced_or_retired_and_frees_its_slot() -> None:
+    # HANDED: given back to a waiter that has not taken it; nobody holds it.
+    state: PoolState[Entry, object] = PoolState(max_slots=2)
+    low, _, _ = admit(state, 1)
+    high, _, _ = admit(state, 5)
+    assert state.lend() is low and state.lend() is high
+    high.state = HANDED
+    _, kept, displaced = admit(state, 0)
+    assert kept and displaced is high and high.state == CLOSED
+    assert (state.slot_count, state.leased_count) == (2, 1)
+    low.state = HANDED
+    assert state.retire(low) and low.state == CLOSED
+    assert (state.slot_count, state.retired_count, state.leased_count) == (1, 0, 0)
+    states = [IDLE, HANDED, LEASED, RETIRED, CLOSED]
+    assert states == sorted(states) and RETIRED > LEASED > HANDED  # state >= RETIRED: no slot
