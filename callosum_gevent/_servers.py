@@ -105,8 +105,12 @@ class Server:
         """
         self.leases = n = self.leases + 1
         avg = self.avg
-        self.avg = avg = avg + (seconds - avg) * ALPHA if n > _WARM else avg + (seconds - avg) / n
-        return not self.band_lo <= avg <= self.band_hi
+        if n > _WARM:
+            avg += (seconds - avg) * ALPHA
+        else:
+            avg += (seconds - avg) / n
+        self.avg = avg
+        return avg < self.band_lo or avg > self.band_hi
 
     def penalise(self, now: float) -> None:
         """Double the rank for an early death at ``now`` (seconds, any clock)."""
