@@ -718,7 +718,10 @@ class CallosumClient:
     # -- reporting ---------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
-        """Return the counters and the current idle, leased and waiting counts."""
+        """Return the counters and the current idle, leased and waiting counts.
+
+        ``aged_out`` counts connections closed for reaching ``max_age``.
+        """
         return {
             "kept": self._kept,
             "turned_down": self._turned_down,

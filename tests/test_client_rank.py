@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -187,6 +189,17 @@ def test_max_age_none_keeps_connections(backends: dict[str, Backend]) -> None:
     gevent.sleep(0.2)
     assert call(client) == "fast1" and not is_closed(sock)
     client.close()
+
+
+def test_client_dropped_without_close_is_collected() -> None:
+    # The timer holds the client weakly: a forgotten empty pool is still freed.
+    client = CallosumClient(max_slots=2, max_age=0.05)
+    ticker = client._ticker
+    ref = weakref.ref(client)
+    del client
+    gc.collect()
+    assert ref() is None
+    assert wait_until(lambda: not ticker.active, timeout=5)
 
 
 def test_close_stops_the_timer() -> None:
