@@ -54,6 +54,9 @@ _NO_KEY: Final[tuple[int, Any]] = (-1, None)
 # replaces it if the held one's server is this much slower (both measured).
 SWAP_RATIO: Final = 1.25
 _INF: Final = float("inf")
+# The average lease time assumed while no server is measured: any positive
+# value ranks them all alike, and lets early-death penalties count.
+_NOMINAL: Final = 0.001
 
 E = TypeVar("E", bound="Entry")
 W = TypeVar("W")
@@ -150,9 +153,10 @@ class PoolState(Generic[E, W]):
         else:
             # Unmeasured: the mean of the measured, so it is tried as an average one.
             known = [s.avg for s in self.servers.values() if s.measured]
-            base = sum(known) / len(known) if known else 0.0
-        # Microseconds: a positive int, so (slot + 1) x key keeps slot order exact.
-        key = max(1, round(base * server.factor * 1e6))
+            base = sum(known) / len(known) if known else _NOMINAL
+        # Microseconds: a positive int, so (slot + 1) x key keeps slot order
+        # exact; never below 1 us, so that a penalty always counts.
+        key = round(max(base, 1e-6) * server.factor * 1e6)
         if key != server.key:
             server.key = key
             # Lent ones too, so that they are restored under the new key.

@@ -12,7 +12,7 @@ from typing import Any
 
 import gevent
 import pytest
-from _peers import is_closed, peer_saw_eof, wait_until
+from _peers import PeerServer, is_closed, peer_saw_eof, wait_until
 from gevent import socket
 from gevent.server import StreamServer
 
@@ -241,3 +241,29 @@ def test_age_timer_does_not_keep_the_hub_alive() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
     )
     assert done.stdout.strip() == "done"
+
+
+def test_early_deaths_push_their_server_behind_the_others() -> None:
+    # A server whose connections die young must not stay everyone's lowest
+    # rank: each early death doubles its rank (for 30 s, halving).
+    bad, good = PeerServer(), PeerServer()
+    try:
+        client = CallosumClient(max_slots=8)
+        first = bad.connect()[0]
+        assert client.new_connection(0, first)
+        assert client.new_connection(1, good.connect()[0])
+        assert client.get_connection(timeout=1) is first  # 1 x rank beats 2 x rank
+        client.return_connection(first)
+        for slot in (2, 3):
+            sock, peer = bad.connect()
+            assert client.new_connection(slot, sock)
+            peer.close()  # it dies at once: evicted by its watcher
+            assert wait_until(lambda sock=sock: is_closed(sock), timeout=5)
+        assert client.stats()["early_deaths"] == 2
+        lent = client.get_connection(timeout=1)
+        assert lent is not first  # rank 1 x 4 now trails the good server's 2 x 1
+        client.return_connection(lent)
+        client.close()
+    finally:
+        bad.stop()
+        good.stop()

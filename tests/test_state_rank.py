@@ -273,7 +273,7 @@ class RankModel(RuleBasedStateMachine):
             assert server.key >= 1
             if server.measured:
                 assert server.band_lo <= server.avg <= server.band_hi
-                want = server.avg * server.factor * 1e6
+                want = max(server.avg, 1e-6) * server.factor * 1e6
                 assert server.key <= want * BAND + 1 and server.key >= want / BAND - 1
 
 
