@@ -267,3 +267,19 @@ def test_early_deaths_push_their_server_behind_the_others() -> None:
     finally:
         bad.stop()
         good.stop()
+
+
+def test_aged_connection_is_not_handed_to_a_waiter(backends: dict[str, Backend]) -> None:
+    client = CallosumClient(max_slots=1, max_age=0.2)
+    old = backends["fast1"].connect()
+    assert client.new_connection(0, old)
+    lent = client.get_connection(timeout=1)
+    waiter = gevent.spawn(client.get_connection, 5)
+    gevent.sleep(0.3)
+    client.return_connection(lent)
+    assert is_closed(old) and client.stats()["aged_out"] == 1 and not waiter.ready()
+    fresh = backends["fast1"].connect()
+    assert client.new_connection(0, fresh)  # the rover's refill goes to the waiter
+    assert waiter.get(timeout=5) is fresh
+    client.return_connection(fresh)
+    client.close()
