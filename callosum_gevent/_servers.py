@@ -27,7 +27,10 @@ EARLY_DEATH_S: Final = 3.0
 #: 1000 leases at 0.2, 108 at 0.1, 32 at 0.05 and 5 at 0.02; after a 3x
 #: slowdown the key has doubled within 5, 13, 33 and 48 leases. 0.02 keeps
 #: re-keying off the hot path and ranks steady on noise; short balance runs
-#: (1:1:2:4 at 70%) gave p99 0.77-0.82x the oracle's at 0.02, 0.88-0.89x at 0.2.
+#: (1:1:2:4 at 70%) gave p99 0.74-0.82x the oracle's at 0.02, 0.88-0.89x at 0.2,
+#: and after a fast server turned 3x slower, p99 from 10 s on was 1.09x and
+#: 0.98x the oracle's (settled after 18 s and 8 s). Rising faster than falling
+#: (0.06 up) did no better there (1.00x, 0.98x) and biases the average upwards.
 #: The first 1/ALPHA leases are averaged plainly (weight 1/n), so one odd
 #: first sample does not linger.
 ALPHA: Final = 0.02
