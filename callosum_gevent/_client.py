@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import weakref
 from collections.abc import Hashable
@@ -19,7 +20,7 @@ from gevent.monkey import get_original
 from greenlet import greenlet
 
 from ._servers import Server
-from ._state import CLOSED, HANDED, IDLE, LEASED, RETIRED, Entry, PoolState
+from ._state import CLOSED, HANDED, IDLE, LEASED, RANKS, RETIRED, Entry, PoolState
 from .errors import PoolClosed, PoolTimeout
 
 __all__ = ["CallosumClient"]
@@ -51,6 +52,19 @@ _SOCKET_TYPES: Final = (socket.socket, gsocket.socket)
 # dropped without close() lets its sockets go as before.
 _pooled: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
+#: Default connection age, seconds. Long enough that reconnecting costs
+#: nothing measurable (one handshake per connection per 5 minutes), short
+#: enough that a weight change or a slowdown reaches connections already held,
+#: and the start-up lottery of low slots is redrawn, within minutes; gRPC
+#: deployments commonly pick minutes for MAX_CONNECTION_AGE for the same reason.
+DEFAULT_MAX_AGE: Final = 300.0
+# Connection ages vary by this fraction either way, so that connections made
+# together (a client's start) do not all age out in the same moment.
+_AGE_JITTER: Final = 0.1
+# The pool's housekeeping timer: idle connections age out and penalties decay
+# on its ticks, at most this many seconds apart (and 20 per max_age).
+_TICK_S: Final = 1.0
+
 
 class _Socket(Protocol):
     @property
@@ -62,18 +76,25 @@ class _Socket(Protocol):
 class _Conn(Entry):
     """A pooled connection: the bookkeeping entry plus its I/O helpers."""
 
-    __slots__ = ("born", "fd", "io", "lent_at", "lent_time", "poll", "timeout", "wake")
+    __slots__ = ("born", "expires", "fd", "io", "lent_at", "lent_time", "poll", "timeout", "wake")
 
     item: Any
     poll: Any
     io: Any
     wake: Any
 
-    def __init__(self, slot: int, sock: _Socket, fd: int, server: Server) -> None:
+    def __init__(
+        self, slot: int, sock: _Socket, fd: int, server: Server, max_age: float | None
+    ) -> None:
         super().__init__(slot, sock, server)
         self.fd = fd
         self.lent_at = -1
-        self.born = self.lent_time = _clock()
+        self.born = self.lent_time = born = _clock()
+        self.expires = (
+            born + max_age * (1.0 + _AGE_JITTER * (2.0 * random.random() - 1.0))
+            if max_age is not None
+            else float("inf")
+        )
         # What the pool lends it with: a borrower's settimeout() or
         # setblocking() must not reach the next borrower.
         self.timeout = sock.timeout
@@ -208,6 +229,26 @@ def _check_timeout(timeout: object) -> float | None:
     return None if seconds == float("inf") else seconds
 
 
+def _tick(ref: weakref.ref[CallosumClient], timer: Any) -> None:
+    # The pool's housekeeping timer, run by the hub. It holds the client
+    # weakly, so that a client dropped without close() is still collected.
+    client = ref()
+    if client is None:
+        timer.close()
+    else:
+        client._housekeep()
+
+
+def _check_max_age(max_age: object) -> float | None:
+    if max_age is None:
+        return None
+    if isinstance(max_age, bool) or not isinstance(max_age, (int, float)):
+        raise TypeError(f"max_age must be a number or None, not {type(max_age).__name__}")
+    if not 0 < max_age < float("inf"):
+        raise ValueError(f"max_age must be > 0 and finite, or None, not {max_age!r}")
+    return float(max_age)
+
+
 def _check_positive_int(name: str, value: object, most: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
@@ -218,12 +259,24 @@ def _check_positive_int(name: str, value: object, most: int | None = None) -> in
 
 
 class CallosumClient:
-    """A pool of at most ``max_slots`` connections that lends the lowest slot first.
+    """A pool of at most ``max_slots`` connections that lends the fastest first.
 
     Connections come from a rover (or any code) through :meth:`new_connection`.
-    Borrowers take the idle connection with the lowest slot with
+    Borrowers take the idle connection with the lowest rank with
     :meth:`get_connection` or :meth:`connection` and hand it back with
     :meth:`return_connection`, or :meth:`discard_connection` if it is broken.
+
+    With ``rank="latency"`` (the default) a connection's rank is (slot + 1)
+    x its server's decaying average lease time (lend to return); a server not
+    yet measured ranks as the mean of the measured ones, and each connection
+    to it that died within seconds of admission doubles its rank, a doubling
+    that halves every 30 s. Among one server's connections the lowest slot is
+    lent first. ``rank="slot"`` lends by lowest slot alone.
+
+    A connection older than ``max_age`` seconds (jittered by +-10%) is closed
+    when handed back or while idle, so that the rover replaces it: new slots
+    and speeds reach connections already held. ``max_age=None`` keeps
+    connections for as long as they live.
 
     Every idle connection is watched: if its peer closes or resets it, or sends
     bytes nobody asked for, it is closed and its slot freed on the hub's next
@@ -254,6 +307,8 @@ class CallosumClient:
         keepalive_interval: int = 5,
         keepalive_count: int = 3,
         max_slot_number: int = _MAX_SLOT_NUMBER,
+        rank: str = "latency",
+        max_age: float | None = DEFAULT_MAX_AGE,
     ) -> None:
         _check_positive_int("max_slots", max_slots)
         # The kernel's own limits (include/net/tcp.h: MAX_TCP_KEEPIDLE and co.).
@@ -263,6 +318,12 @@ class CallosumClient:
         _check_positive_int("max_slot_number", max_slot_number)
         if not isinstance(keepalive, bool):
             raise TypeError(f"keepalive must be a bool, not {type(keepalive).__name__}")
+        if not isinstance(rank, str):
+            raise TypeError(f"rank must be a str, not {type(rank).__name__}")
+        if rank not in RANKS:
+            raise ValueError(f"rank must be one of {RANKS}, not {rank!r}")
+        self._max_age = _check_max_age(max_age)
+        self._rank = rank
         self._max_slots = max_slots
         self._keepalive = (
             (keepalive_idle, keepalive_interval, keepalive_count) if keepalive else None
@@ -272,18 +333,20 @@ class CallosumClient:
         self._loop = self._hub.loop
         # The hub is per OS thread: the thread's id tells a foreign caller cheaply.
         self._thread = _get_ident()
-        self._state: PoolState[_Conn, _Waiter] = PoolState(max_slots)
+        self._state: PoolState[_Conn, _Waiter] = PoolState(max_slots, rank)
         # Every connection this client owns, idle or lent, by its socket.
         self._conns: dict[Any, _Conn] = {}
         self._closed = False
         self._zero_counters()
+        self._ticker: Any = None
+        self._start_ticker()
         _clients.add(self)
 
     def _zero_counters(self) -> None:
         self._kept = self._turned_down = self._replaced = 0
         self._evicted = self._dead_at_handout = self._dead_at_return = 0
         self._discarded = self._waits = self._timeouts = 0
-        self._early_deaths = self._retired = 0
+        self._early_deaths = self._retired = self._aged_out = 0
 
     def _check_thread(self) -> None:
         if _get_ident() != self._thread:
@@ -291,6 +354,29 @@ class CallosumClient:
                 "a CallosumClient belongs to the OS thread (and gevent hub) that made it; "
                 "create one client per thread"
             )
+
+    def _start_ticker(self) -> None:
+        # One timer per pool, not per connection: ages are checked and penalties
+        # decay on its ticks. Unreferenced: an idle pool never keeps the hub alive.
+        if self._max_age is None and self._rank == "slot":
+            return
+        every = _TICK_S if self._max_age is None else min(_TICK_S, self._max_age / 20)
+        self._ticker = timer = self._loop.timer(every, every)
+        timer.ref = False
+        timer.start(_tick, weakref.ref(self), timer)
+
+    def _housekeep(self) -> None:
+        # A tick: retire idle connections past their age, let penalties decay.
+        now = _clock()
+        self._state.tick(now)
+        if self._max_age is None:
+            return
+        state = self._state
+        for conn in [c for c in self._conns.values() if c.state == IDLE and now >= c.expires]:
+            self._aged_out += 1
+            if state.retire(conn):
+                self._close(conn)
+                _log.debug("closed slot %d: aged out", conn.slot)
 
     # -- properties --------------------------------------------------------
 
@@ -326,7 +412,11 @@ class CallosumClient:
 
         Below ``max_slots`` every connection is kept. At ``max_slots`` one
         is kept only if its slot is lower than the highest slot held, and that
-        highest one is retired: closed now if idle, or when handed back.
+        highest one is retired: closed now if idle, or when handed back. At an
+        equal slot (with ``rank="latency"``) the offer wins only if the held
+        one's server was measured and the offered server was measured at least
+        1.25x faster, or not yet measured and never penalised: so a client with
+        one slot tries each server once and keeps the faster.
         ``server`` names the server ``sock`` is connected to (any hashable id,
         as a rover knows it); by default its peer address, ``"host:port"``.
         A bad argument raises and leaves ``sock`` open for the caller: not a
@@ -366,7 +456,7 @@ class CallosumClient:
             return False
         # Before admitting it, so that nothing here can strand a counted slot.
         self._set_keepalive(sock)
-        conn = _Conn(slot, sock, fd, self._state.server(server))
+        conn = _Conn(slot, sock, fd, self._state.server(server), self._max_age)
         kept, displaced = self._state.admit(conn)
         if not kept:
             self._turned_down += 1
@@ -418,7 +508,7 @@ class CallosumClient:
     # -- lending -----------------------------------------------------------
 
     def get_connection(self, timeout: float | None = None) -> Any:
-        """Lend the idle connection with the lowest slot, waiting if none is idle.
+        """Lend the idle connection with the lowest rank, waiting if none is idle.
 
         ``timeout=None`` waits without limit and ``0`` does not wait. Raise
         :class:`PoolTimeout` when time runs out, :class:`PoolClosed` when the
@@ -489,7 +579,7 @@ class CallosumClient:
             conn = self._lent(sock)  # raises, naming the argument
         if conn is None or conn.state != LEASED:
             if conn is not None and conn.state == RETIRED:
-                conn.server.lease(_clock() - conn.lent_time)
+                self._measure(conn, _clock())
                 self._drop(conn, "retired")
                 return
             raise ValueError(_not_lent(conn))
@@ -509,8 +599,12 @@ class CallosumClient:
         # connection is idle or handed over, so lending need not clear it.
         conn.holder = None
         if self._state.waiters:
-            conn.server.lease(_clock() - conn.lent_time)
-            self._release(conn)  # the waiter checks it when it wakes: one poll, not two
+            now = _clock()
+            self._measure(conn, now)
+            if now >= conn.expires:
+                self._age_out(conn)
+            else:
+                self._release(conn)  # the waiter checks it when it wakes: one poll, not two
         elif (
             # Checked at hand-out in this same turn of the hub: the FIN a poll
             # could find now would also be found at the next hand-out, and the
@@ -520,9 +614,26 @@ class CallosumClient:
             self._dead_at_return += 1
             self._fail(conn, "found dead at return")
         else:
-            conn.server.lease(_clock() - conn.lent_time)
-            self._state.restore(conn)
-            conn.io.start(conn.wake)
+            now = _clock()
+            server = conn.server
+            if server.lease(now - conn.lent_time):
+                self._state.rekey(server)
+            if now >= conn.expires:
+                self._age_out(conn)
+            else:
+                self._state.restore(conn)
+                conn.io.start(conn.wake)
+
+    def _measure(self, conn: _Conn, now: float) -> None:
+        # Record a lease that ended at ``now``; re-key its server if it moved.
+        if conn.server.lease(now - conn.lent_time):
+            self._state.rekey(conn.server)
+
+    def _age_out(self, conn: _Conn) -> None:
+        # A lent connection handed back past its age: give up its slot, close it.
+        self._aged_out += 1
+        self._state.retire(conn)
+        self._drop(conn, "aged out")
 
     def discard_connection(self, sock: Any) -> None:
         """Close a lent connection that is broken or mid-protocol, freeing its slot.
@@ -641,8 +752,11 @@ class CallosumClient:
 
     def _fail(self, conn: _Conn, why: str, *, evicted: bool = False) -> None:
         # Found dead or discarded: count it against its server, then drop it.
-        if conn.server.died(_clock() - conn.born, evicted=evicted):
+        now = _clock()
+        if conn.server.died(now - conn.born, evicted=evicted):
             self._early_deaths += 1
+            # Died young: its server must not become everyone's lowest rank.
+            self._state.penalise(conn.server, now)
         self._drop(conn, why)
 
     def _drop(self, conn: _Conn, why: str) -> None:
@@ -669,6 +783,9 @@ class CallosumClient:
         if self._closed:
             return
         self._closed = True
+        if self._ticker is not None:
+            self._ticker.close()
+            self._ticker = None
         for conn in self._state.idle_entries():
             self._drop(conn, "client closed")
         while (waiter := self._state.dequeue()) is not None:
@@ -692,9 +809,12 @@ class CallosumClient:
         self._loop = self._hub.loop
         self._thread = _get_ident()
         self._conns = {}
-        self._state = PoolState[_Conn, _Waiter](self._max_slots)
+        self._state = PoolState[_Conn, _Waiter](self._max_slots, self._rank)
         self._state.waiters = waiters
         self._zero_counters()
+        if self._ticker is not None:
+            self._ticker.close()
+            self._start_ticker()
 
     def retire_server(self, server: Hashable) -> int:
         """Retire every connection to ``server``; return how many.
@@ -733,7 +853,10 @@ class CallosumClient:
     # -- reporting ---------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
-        """Return the counters and the current idle, leased and waiting counts."""
+        """Return the counters and the current idle, leased and waiting counts.
+
+        ``aged_out`` counts connections closed for reaching ``max_age``.
+        """
         return {
             "kept": self._kept,
             "turned_down": self._turned_down,
@@ -744,6 +867,7 @@ class CallosumClient:
             "discarded": self._discarded,
             "early_deaths": self._early_deaths,
             "retired": self._retired,
+            "aged_out": self._aged_out,
             "waits": self._waits,
             "timeouts": self._timeouts,
             "slots": self._state.slot_count,

@@ -21,6 +21,16 @@ and takes it back to LEASED itself (the hand-over is its hot path).
 (None for the raw API, and once given back), so a ``with`` block can tell its
 own lease from a later one of the same socket.
 
+Idle connections are lent lowest rank first. With ``rank="latency"`` (the
+default) a connection's rank is (slot + 1) x its server's rank multiplier:
+the server's decaying average lease time (the mean of the measured servers'
+while it has none), doubled per recent early death. Heap keys are integers,
+``rank << 40 | arrival``, so they compare in one step and ties never reach the
+entry. A server's multiplier changes only when its average leaves a +-25%
+band, and only then are its idle connections re-filed (a few heap pushes),
+so a lease costs no heap work beyond today's. With ``rank="slot"`` every
+multiplier is 1: the seed's lowest-slot rule.
+
 Both heaps delete lazily: a connection that leaves a heap other than through
 its top stays in the list as a stale key until it surfaces or the heap is
 compacted, which happens once stale keys outnumber live ones. That keeps every
@@ -34,7 +44,7 @@ from collections.abc import Hashable
 from heapq import heapify, heappop, heappush
 from typing import Any, Final, Generic, TypeVar
 
-from ._servers import Server
+from ._servers import BAND, Server
 
 # Ordered: everything from RETIRED on holds no slot, everything below CLOSED is owned.
 IDLE: Final = 0
@@ -45,6 +55,21 @@ CLOSED: Final = 4
 
 _COMPACT_MIN: Final = 16
 
+#: The rank rules a pool can lend by.
+RANKS: Final = ("latency", "slot")
+# Idle-heap keys are rank << _SEQ_BITS | arrival: 2**40 admissions per pool.
+_SEQ_BITS: Final = 40
+_SEQ_MASK: Final = (1 << _SEQ_BITS) - 1
+# The idle key of a connection no longer idle in the heap: matches no heap pair.
+_NO_KEY: Final[tuple[int, Any]] = (-1, None)
+# At max_slots, a connection offered at the same slot as the worst one held
+# replaces it if the held one's server is this much slower (both measured).
+SWAP_RATIO: Final = 1.25
+_INF: Final = float("inf")
+# The average lease time assumed while no server is measured: any positive
+# value ranks them all alike, and lets early-death penalties count.
+_NOMINAL: Final = 0.001
+
 E = TypeVar("E", bound="Entry")
 W = TypeVar("W")
 
@@ -54,7 +79,9 @@ class Entry:
 
     __slots__ = ("_high", "_low", "holder", "item", "server", "slot", "state")
 
-    _low: tuple[int, int, Entry]
+    # The idle-heap pair (key, self); a pair in the heap is live only while it
+    # is the entry's _low, so re-filing or closing an entry needs no heap search.
+    _low: tuple[int, Entry]
     _high: tuple[int, int, Entry]
     server: Server
 
@@ -87,19 +114,23 @@ class PoolState(Generic[E, W]):
         "_stale_high",
         "_stale_idle",
         "max_slots",
+        "ranked",
         "retired_count",
         "servers",
         "slot_count",
         "waiters",
     )
 
-    def __init__(self, max_slots: int) -> None:
+    def __init__(self, max_slots: int, rank: str = "latency") -> None:
+        if rank not in RANKS:
+            raise ValueError(f"rank must be one of {RANKS}, not {rank!r}")
         self.max_slots = max_slots
+        self.ranked = rank == "latency"
         self.slot_count = 0
         self.retired_count = 0
-        # Min heap of idle connections by (slot, arrival): lend the lowest.
+        # Min heap of idle connections by (rank, arrival) as one int: lend the lowest.
         # Keys hold the entry as Any: a typing.cast here would cost a call per lend.
-        self._idle: list[tuple[int, int, Any]] = []
+        self._idle: list[tuple[int, Any]] = []
         # Max heap of every slot holder by (-slot, -arrival): retire the highest.
         self._high: list[tuple[int, int, Any]] = []
         self._stale_idle = 0
@@ -114,7 +145,72 @@ class PoolState(Generic[E, W]):
         server = self.servers.get(server_id)
         if server is None:
             server = self.servers[server_id] = Server(server_id)
+            self.rekey(server)
         return server
+
+    # -- ranks -------------------------------------------------------------
+
+    def rekey(self, server: Server) -> None:
+        """Key ``server`` by its average and penalty; re-file its idle connections.
+
+        Call it when ``server.lease()`` says the average left its band. Its
+        connections keep their arrival order; only their rank changes.
+        """
+        if not self.ranked:
+            server.band_lo, server.band_hi = -_INF, _INF  # key 1 for ever
+            return
+        first = server.measured and server.band_lo > server.band_hi
+        if server.measured:
+            base = server.avg
+            server.band_lo, server.band_hi = base / BAND, base * BAND
+        else:
+            # Unmeasured: the mean of the measured, so it is tried as an average one.
+            known = [s.avg for s in self.servers.values() if s.measured]
+            base = sum(known) / len(known) if known else _NOMINAL
+        # Microseconds: a positive int, so (slot + 1) x key keeps slot order
+        # exact; never below 1 us, so that a penalty always counts.
+        key = round(max(base, 1e-6) * server.factor * 1e6)
+        if key != server.key:
+            server.key = key
+            # Lent ones too, so that they are restored under the new key.
+            for entry in server.entries:
+                seq = entry._low[0] & _SEQ_MASK
+                pair = (((entry.slot + 1) * key << _SEQ_BITS) | seq, entry)
+                entry._low = pair
+                if entry.state == IDLE:
+                    heappush(self._idle, pair)
+                    self._note_stale_idle()
+        if first:
+            # The mean of the measured moved: so do the keys of the unmeasured.
+            for other in list(self.servers.values()):
+                if not other.measured:
+                    self.rekey(other)
+
+    def penalise(self, server: Server, now: float) -> None:
+        """Double ``server``'s rank for a connection that died early, at ``now``."""
+        server.penalise(now)
+        self.rekey(server)
+
+    def tick(self, now: float) -> None:
+        """Let penalties decay until ``now`` and re-key the unmeasured servers."""
+        if not self.ranked:
+            return
+        for server in list(self.servers.values()):
+            if server.penalty > 0.0:
+                server.decay(now)
+                self.rekey(server)
+            elif not server.measured:
+                self.rekey(server)
+
+    def _displaces(self, offered: Server, held: Server) -> bool:
+        # At equal slots: take a connection to a server measured clearly faster,
+        # or to one never measured (not penalised) instead of a measured one,
+        # so that a client with one slot gets to compare two servers at all.
+        if not self.ranked or offered is held or not held.measured or offered.penalty > 0.0:
+            return False
+        if not offered.measured:
+            return True
+        return held.avg * held.factor > SWAP_RATIO * offered.avg * offered.factor
 
     # -- connections -------------------------------------------------------
 
@@ -134,7 +230,9 @@ class PoolState(Generic[E, W]):
                 heappop(high)
                 self._stale_high -= 1
             worst: E = high[0][2]
-            if entry.slot >= worst.slot:
+            if entry.slot >= worst.slot and (
+                entry.slot > worst.slot or not self._displaces(entry.server, worst.server)
+            ):
                 return False, None
             heappop(high)
             self.slot_count -= 1
@@ -147,13 +245,14 @@ class PoolState(Generic[E, W]):
                 # nobody holds it, so it closes now.
                 was_idle = worst.state == IDLE
                 worst.state = CLOSED
+                worst._low = _NO_KEY
                 worst.server.entries.discard(worst)
                 if was_idle:
                     self._note_stale_idle()
             displaced = worst
         self._seq = seq = self._seq + 1
         item: Entry = entry
-        entry._low = (entry.slot, seq, item)
+        entry._low = (((entry.slot + 1) * entry.server.key << _SEQ_BITS) | seq, item)
         entry._high = high_key = (-entry.slot, -seq, item)
         entry.state = LEASED
         self.slot_count += 1
@@ -162,11 +261,12 @@ class PoolState(Generic[E, W]):
         return True, displaced
 
     def lend(self) -> E | None:
-        """Take the idle connection with the lowest slot, or None."""
+        """Take the idle connection with the lowest rank, or None."""
         idle = self._idle
         while idle:
-            entry: E = heappop(idle)[2]
-            if entry.state == IDLE:
+            pair = heappop(idle)
+            entry: E = pair[1]
+            if entry._low is pair:
                 entry.state = LEASED
                 return entry
             self._stale_idle -= 1
@@ -185,6 +285,7 @@ class PoolState(Generic[E, W]):
         entry.state = CLOSED
         entry.server.entries.discard(entry)
         if state == IDLE:
+            entry._low = _NO_KEY
             self._note_stale_idle()
         if state == RETIRED:
             self.retired_count -= 1
@@ -222,7 +323,7 @@ class PoolState(Generic[E, W]):
     def _note_stale_idle(self) -> None:
         self._stale_idle += 1
         if self._stale_idle > _COMPACT_MIN and self._stale_idle * 2 > len(self._idle):
-            self._idle = [key for key in self._idle if key[2].state == IDLE]
+            self._idle = [pair for pair in self._idle if pair[1]._low is pair]
             heapify(self._idle)
             self._stale_idle = 0
 
@@ -237,8 +338,8 @@ class PoolState(Generic[E, W]):
         return self.slot_count - self.idle_count + self.retired_count
 
     def idle_entries(self) -> list[E]:
-        """List the idle connections, lowest slot first (O(n log n))."""
-        return [key[2] for key in sorted(self._idle) if key[2].state == IDLE]
+        """List the idle connections, lowest rank first (O(n log n))."""
+        return [pair[1] for pair in sorted(self._idle) if pair[1]._low is pair]
 
     def server_stats(self) -> dict[Hashable, dict[str, int | float | None]]:
         """Break connections, leases, latency and failures down by server."""

@@ -116,6 +116,11 @@ _POOL_COUNTERS: tuple[_Row, ...] = (
         "callosum_connections_retired_total",
         "Connections retired by retire_server(); replacements count as replaced.",
     ),
+    (
+        "aged_out",
+        "callosum_connections_aged_out_total",
+        "Connections closed for reaching the pool's max_age, so that the rover replaces them.",
+    ),
     ("waits", "callosum_borrower_waits_total", "Borrowers that had to wait for a connection."),
     (
         "timeouts",

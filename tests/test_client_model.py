@@ -33,10 +33,11 @@ class ClientModel(RuleBasedStateMachine):
         self.model = PoolModel(max_slots=1)
         self.closed = False
 
-    @initialize(max_slots=st.integers(1, 4))
-    def start(self, max_slots: int) -> None:
+    @initialize(max_slots=st.integers(1, 4), rank=st.sampled_from(["latency", "slot"]))
+    def start(self, max_slots: int, rank: str) -> None:
+        # One server: lending by latency rank must equal lowest slot first.
         self.model = PoolModel(max_slots)
-        self.client = CallosumClient(max_slots=max_slots)
+        self.client = CallosumClient(max_slots=max_slots, rank=rank)
 
     # -- helpers -------------------------------------------------------------
 

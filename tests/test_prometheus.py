@@ -137,6 +137,7 @@ POOL_COUNTERS = {
     "callosum_connections_dead_at_handout",
     "callosum_connections_dead_at_return",
     "callosum_connections_discarded",
+    "callosum_connections_aged_out",
     "callosum_borrower_waits",
     "callosum_borrower_timeouts",
 }

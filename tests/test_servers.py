@@ -14,11 +14,18 @@ def test_lease_average_starts_at_first_sample_and_decays() -> None:
     server.lease(0.010)
     assert server.measured and server.avg == pytest.approx(0.010)
     server.lease(0.020)
-    assert server.avg == pytest.approx(0.010 + 0.010 * ALPHA)
-    for _ in range(200):
+    # The first 1/ALPHA leases are averaged plainly, then they decay.
+    assert server.avg == pytest.approx(0.015)
+    warm = round(1 / ALPHA)
+    for _ in range(warm - 2):
+        server.lease(0.015)
+    assert server.avg == pytest.approx(0.015)
+    server.lease(0.025)
+    assert server.avg == pytest.approx(0.015 + 0.010 * ALPHA)
+    for _ in range(2000):
         server.lease(0.002)
     assert server.avg == pytest.approx(0.002, rel=1e-6)
-    assert server.leases == 202
+    assert server.leases == warm + 1 + 2000
 
 
 def test_deaths_are_counted_by_kind_and_age() -> None:
