@@ -118,7 +118,7 @@ class _Lease:
     __slots__ = ("_client", "_conn", "_timeout")
 
     _client: CallosumClient
-    _conn: _Conn | None
+    _conn: Entry | None
     _timeout: float | None
 
     def __enter__(self) -> Any:
@@ -138,7 +138,15 @@ class _Lease:
             conn.lent_at = client._loop.iteration
             conn.lent_time = _clock()
         else:
-            conn = client._lend_slowly(conn, timeout)
+            # Taken before waiting: another greenlet entering this lease while
+            # this one waits must be refused, not given a socket of its own
+            # that this one's exit would then give back.
+            self._conn = _ENTERING
+            try:
+                conn = client._lend_slowly(conn, timeout)
+            except BaseException:
+                self._conn = None
+                raise
         conn.holder = self
         self._conn = conn
         return conn.item
@@ -154,6 +162,9 @@ class _Lease:
             raise RuntimeError("this lease was not entered")
         self._conn = None
         if conn.holder is not self:
+            if conn is _ENTERING:
+                self._conn = conn  # still the entering greenlet's
+                raise RuntimeError("this lease is being entered by another greenlet")
             # Given back or discarded in the block (maybe lent again since),
             # or the parent's after a fork: not ours to give back.
             return
@@ -166,6 +177,8 @@ class _Lease:
 
 
 _new_lease = object.__new__
+# A lease's connection while its __enter__ waits for one (holder None: never ours).
+_ENTERING: Final = Entry(-1, None)
 
 _clients: weakref.WeakSet[CallosumClient] = weakref.WeakSet()
 

@@ -397,3 +397,43 @@ def test_debug_logs_name_the_server(peers: PeerServer, caplog: pytest.LogCapture
         client.discard_connection(client.get_connection(timeout=0))
     assert "kept slot 3 of 'b1'" in caplog.text
     assert "closed slot 3 of 'b1': discarded" in caplog.text
+
+
+def test_lease_entered_by_a_second_greenlet_while_the_first_waits_is_refused(
+    peers: PeerServer,
+) -> None:
+    client = CallosumClient(max_slots=2)
+    first = offer(client, peers, 0)
+    second = offer(client, peers, 1)
+    assert client.get_connection(timeout=0) is first
+    assert client.get_connection(timeout=0) is second
+    lease = client.connection(timeout=5)
+    got: list[Any] = []
+
+    def use() -> None:
+        with lease as sock:
+            got.append(sock)
+            gevent.sleep(0.05)
+            sock.sendall(b"mine")
+
+    waiting = gevent.spawn(use)
+    gevent.sleep(0)  # it waits inside lease.__enter__
+    intruder = gevent.spawn(use)
+    with pytest.raises(RuntimeError, match="already in use"):
+        intruder.get(timeout=2)
+    client.return_connection(first)
+    client.return_connection(second)
+    waiting.get(timeout=2)
+    assert got == [first]
+    # The lease gave back the one socket it took; the other stayed idle throughout.
+    assert (client.slot_count, client.idle_count, client.leased_count) == (2, 2, 0)
+    # And a lease whose wait failed can be entered again.
+    lease = client.connection(timeout=0.01)
+    held = [client.get_connection(timeout=0), client.get_connection(timeout=0)]
+    with pytest.raises(PoolTimeout), lease:
+        pass
+    client.return_connection(held[0])
+    with lease as sock:
+        assert sock is held[0]
+    client.return_connection(held[1])
+    assert client.idle_count == 2
