@@ -46,9 +46,10 @@ _get_ident = get_original("_thread", "get_ident")
 # subclass them). Both keep ``_closed`` and ``timeout``, read at each return.
 _SOCKET_TYPES: Final = (socket.socket, gsocket.socket)
 
-# Every socket pooled by any client in this process, by descriptor: one socket
-# offered to two clients would be lent by both at once. Weak, so that a client
-# dropped without close() lets its sockets go as before.
+# Every socket pooled by any client in this process, by its inode: one socket
+# offered to two clients would be lent by both at once, and so would copies of
+# one made by dup() or fromfd(), which share the inode, not the descriptor.
+# Weak, so that a client dropped without close() lets its sockets go as before.
 _pooled: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
 
@@ -62,16 +63,16 @@ class _Socket(Protocol):
 class _Conn(Entry):
     """A pooled connection: the bookkeeping entry plus its I/O helpers."""
 
-    __slots__ = ("born", "fd", "io", "lent_at", "lent_time", "poll", "timeout", "wake")
+    __slots__ = ("born", "ident", "io", "lent_at", "lent_time", "poll", "timeout", "wake")
 
     item: Any
     poll: Any
     io: Any
     wake: Any
 
-    def __init__(self, slot: int, sock: _Socket, fd: int, server: Server) -> None:
+    def __init__(self, slot: int, sock: _Socket, ident: int, server: Server) -> None:
         super().__init__(slot, sock, server)
-        self.fd = fd
+        self.ident = ident  # the socket's inode: its key in _pooled
         self.lent_at = -1
         self.born = self.lent_time = _clock()
         # What the pool lends it with: a borrower's settimeout() or
@@ -344,7 +345,8 @@ class CallosumClient:
         as a rover knows it); by default its peer address, ``"host:port"``.
         A bad argument raises and leaves ``sock`` open for the caller: not a
         socket (a ``makefile()`` object, say), closed, not connected, not a
-        stream socket, or already pooled by this or another client.
+        stream socket, or already pooled by this or another client (itself or
+        a copy of it from ``dup()`` or ``fromfd()``).
         """
         if isinstance(slot, bool) or not isinstance(slot, int):
             raise TypeError(f"slot must be an int, not {type(slot).__name__}")
@@ -360,9 +362,11 @@ class CallosumClient:
             raise ValueError(f"sock must be a stream socket, not {sock.type!r}")
         if sock in self._conns:
             raise ValueError("sock is already pooled by this client")
-        other = _pooled.get(fd)
-        if other is not None and not other._closed and other.fileno() == fd:
-            raise ValueError("sock is already pooled by another client")
+        ident = os.fstat(fd).st_ino
+        other = _pooled.get(ident)
+        if other is not None and not other._closed:
+            whose = "this" if other in self._conns else "another"
+            raise ValueError(f"sock is already pooled by {whose} client (it or a dup() of it)")
         try:
             hash(server)
         except TypeError:
@@ -379,7 +383,7 @@ class CallosumClient:
             return False
         # Before admitting it, so that nothing here can strand a counted slot.
         self._set_keepalive(sock)
-        conn = _Conn(slot, sock, fd, self._state.server(server))
+        conn = _Conn(slot, sock, ident, self._state.server(server))
         kept, displaced = self._state.admit(conn)
         if not kept:
             self._turned_down += 1
@@ -387,7 +391,7 @@ class CallosumClient:
             _close_quietly(sock)
             return False
         self._kept += 1
-        _pooled[fd] = sock
+        _pooled[ident] = sock
         conn.poll = _unfit_check(sock, fd)
         conn.io = io = self._loop.io(fd, _READ)
         # An idle pool must not keep the hub alive on its own.
@@ -670,8 +674,8 @@ class CallosumClient:
         conn.io.close()
         conn.wake = None
         self._conns.pop(conn.item, None)
-        if _pooled.get(conn.fd) is conn.item:
-            del _pooled[conn.fd]
+        if _pooled.get(conn.ident) is conn.item:
+            del _pooled[conn.ident]
         _close_quietly(conn.item)
 
     def close(self) -> None:

@@ -437,3 +437,29 @@ def test_lease_entered_by_a_second_greenlet_while_the_first_waits_is_refused(
         assert sock is held[0]
     client.return_connection(held[1])
     assert client.idle_count == 2
+
+
+def test_duplicates_of_a_pooled_socket_are_refused(peers: PeerServer) -> None:
+    """dup(), fromfd() and socket(fileno=os.dup()) copy the descriptor, not the connection."""
+    client = CallosumClient(max_slots=4)
+    other = CallosumClient(max_slots=4)
+    sock = offer(client, peers, 0)
+    copies = [
+        sock.dup(),
+        gevent.socket.fromfd(sock.fileno(), sock.family, sock.type),
+        gevent.socket.socket(fileno=os.dup(sock.fileno())),
+        stdsocket.socket(fileno=os.dup(sock.fileno())),
+    ]
+    for copy in copies:
+        for pool, whose in ((client, "this"), (other, "another")):
+            with pytest.raises(ValueError, match=f"sock is already pooled by {whose} client"):
+                pool.new_connection(1, copy)
+    assert client.stats()["kept"] == 1 and other.stats()["kept"] == 0
+    assert not any(is_closed(copy) for copy in copies)
+    # Once the pool lets the original go, a copy may be pooled in its place.
+    client.discard_connection(client.get_connection(timeout=0))
+    assert other.new_connection(0, copies[0])
+    with pytest.raises(ValueError, match="already pooled by another client"):
+        client.new_connection(0, copies[1])
+    for copy in copies[1:]:
+        copy.close()
