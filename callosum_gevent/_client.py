@@ -355,14 +355,22 @@ class CallosumClient:
         if not isinstance(sock, _SOCKET_TYPES):
             raise TypeError(f"sock must be a socket, not {type(sock).__name__}")
         self._check_thread()
-        fd = sock.fileno()
+        try:
+            fd = sock.fileno()
+        except OSError:
+            raise ValueError("sock is closed") from None
+        if isinstance(fd, bool) or not isinstance(fd, int):
+            raise TypeError(f"sock.fileno() must return an int, not {type(fd).__name__}")
         if getattr(sock, "_closed", False) or fd < 0:
             raise ValueError("sock is closed")
         if sock.type != socket.SOCK_STREAM:
             raise ValueError(f"sock must be a stream socket, not {sock.type!r}")
         if sock in self._conns:
             raise ValueError("sock is already pooled by this client")
-        ident = os.fstat(fd).st_ino
+        try:
+            ident = os.fstat(fd).st_ino
+        except OSError:  # a subclass's fileno() naming no open descriptor
+            raise ValueError("sock is closed") from None
         other = _pooled.get(ident)
         if other is not None and not other._closed:
             whose = "this" if other in self._conns else "another"

@@ -463,3 +463,33 @@ def test_duplicates_of_a_pooled_socket_are_refused(peers: PeerServer) -> None:
         client.new_connection(0, copies[1])
     for copy in copies[1:]:
         copy.close()
+
+
+class _TextFileno(gevent.socket.socket):
+    def fileno(self) -> Any:
+        return str(super().fileno())
+
+
+class _BogusFileno(gevent.socket.socket):
+    def fileno(self) -> int:
+        return 2**20  # no such descriptor
+
+
+class _FailingFileno(gevent.socket.socket):
+    def fileno(self) -> int:
+        raise OSError("no descriptor")
+
+
+def test_sockets_with_a_weird_fileno_are_refused_naming_sock(peers: PeerServer) -> None:
+    client = CallosumClient(max_slots=2)
+    for kind, error, match in [
+        (_TextFileno, TypeError, "sock.fileno"),
+        (_FailingFileno, ValueError, "sock is closed"),
+        (_BogusFileno, ValueError, "sock is closed"),
+    ]:
+        sock, _ = peers.connect()
+        weird = kind(fileno=sock.detach())
+        with pytest.raises(error, match=match):
+            client.new_connection(0, weird)
+        assert client.stats()["kept"] == 0 and not weird._closed
+        weird.close()
