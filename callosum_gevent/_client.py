@@ -47,9 +47,10 @@ _get_ident = get_original("_thread", "get_ident")
 # subclass them). Both keep ``_closed`` and ``timeout``, read at each return.
 _SOCKET_TYPES: Final = (socket.socket, gsocket.socket)
 
-# Every socket pooled by any client in this process, by descriptor: one socket
-# offered to two clients would be lent by both at once. Weak, so that a client
-# dropped without close() lets its sockets go as before.
+# Every socket pooled by any client in this process, by its inode: one socket
+# offered to two clients would be lent by both at once, and so would copies of
+# one made by dup() or fromfd(), which share the inode, not the descriptor.
+# Weak, so that a client dropped without close() lets its sockets go as before.
 _pooled: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
 #: Default connection age, seconds. Long enough that reconnecting costs
@@ -76,7 +77,17 @@ class _Socket(Protocol):
 class _Conn(Entry):
     """A pooled connection: the bookkeeping entry plus its I/O helpers."""
 
-    __slots__ = ("born", "expires", "fd", "io", "lent_at", "lent_time", "poll", "timeout", "wake")
+    __slots__ = (
+        "born",
+        "expires",
+        "ident",
+        "io",
+        "lent_at",
+        "lent_time",
+        "poll",
+        "timeout",
+        "wake",
+    )
 
     item: Any
     poll: Any
@@ -84,10 +95,10 @@ class _Conn(Entry):
     wake: Any
 
     def __init__(
-        self, slot: int, sock: _Socket, fd: int, server: Server, max_age: float | None
+        self, slot: int, sock: _Socket, ident: int, server: Server, max_age: float | None
     ) -> None:
         super().__init__(slot, sock, server)
-        self.fd = fd
+        self.ident = ident  # the socket's inode: its key in _pooled
         self.lent_at = -1
         self.born = self.lent_time = born = _clock()
         self.expires = (
@@ -139,7 +150,7 @@ class _Lease:
     __slots__ = ("_client", "_conn", "_timeout")
 
     _client: CallosumClient
-    _conn: _Conn | None
+    _conn: Entry | None
     _timeout: float | None
 
     def __enter__(self) -> Any:
@@ -159,7 +170,15 @@ class _Lease:
             conn.lent_at = client._loop.iteration
             conn.lent_time = _clock()
         else:
-            conn = client._lend_slowly(conn, timeout)
+            # Taken before waiting: another greenlet entering this lease while
+            # this one waits must be refused, not given a socket of its own
+            # that this one's exit would then give back.
+            self._conn = _ENTERING
+            try:
+                conn = client._lend_slowly(conn, timeout)
+            except BaseException:
+                self._conn = None
+                raise
         conn.holder = self
         self._conn = conn
         return conn.item
@@ -175,6 +194,9 @@ class _Lease:
             raise RuntimeError("this lease was not entered")
         self._conn = None
         if conn.holder is not self:
+            if conn is _ENTERING:
+                self._conn = conn  # still the entering greenlet's
+                raise RuntimeError("this lease is being entered by another greenlet")
             # Given back or discarded in the block (maybe lent again since),
             # or the parent's after a fork: not ours to give back.
             return
@@ -187,6 +209,8 @@ class _Lease:
 
 
 _new_lease = object.__new__
+# A lease's connection while its __enter__ waits for one (holder None: never ours).
+_ENTERING: Final = Entry(-1, None)
 
 _clients: weakref.WeakSet[CallosumClient] = weakref.WeakSet()
 
@@ -421,7 +445,8 @@ class CallosumClient:
         as a rover knows it); by default its peer address, ``"host:port"``.
         A bad argument raises and leaves ``sock`` open for the caller: not a
         socket (a ``makefile()`` object, say), closed, not connected, not a
-        stream socket, or already pooled by this or another client.
+        stream socket, or already pooled by this or another client (itself or
+        a copy of it from ``dup()`` or ``fromfd()``).
         """
         if isinstance(slot, bool) or not isinstance(slot, int):
             raise TypeError(f"slot must be an int, not {type(slot).__name__}")
@@ -430,16 +455,26 @@ class CallosumClient:
         if not isinstance(sock, _SOCKET_TYPES):
             raise TypeError(f"sock must be a socket, not {type(sock).__name__}")
         self._check_thread()
-        fd = sock.fileno()
+        try:
+            fd = sock.fileno()
+        except OSError:
+            raise ValueError("sock is closed") from None
+        if isinstance(fd, bool) or not isinstance(fd, int):
+            raise TypeError(f"sock.fileno() must return an int, not {type(fd).__name__}")
         if getattr(sock, "_closed", False) or fd < 0:
             raise ValueError("sock is closed")
         if sock.type != socket.SOCK_STREAM:
             raise ValueError(f"sock must be a stream socket, not {sock.type!r}")
         if sock in self._conns:
             raise ValueError("sock is already pooled by this client")
-        other = _pooled.get(fd)
-        if other is not None and not other._closed and other.fileno() == fd:
-            raise ValueError("sock is already pooled by another client")
+        try:
+            ident = os.fstat(fd).st_ino
+        except OSError:  # a subclass's fileno() naming no open descriptor
+            raise ValueError("sock is closed") from None
+        other = _pooled.get(ident)
+        if other is not None and not other._closed:
+            whose = "this" if other in self._conns else "another"
+            raise ValueError(f"sock is already pooled by {whose} client (it or a dup() of it)")
         try:
             hash(server)
         except TypeError:
@@ -456,7 +491,7 @@ class CallosumClient:
             return False
         # Before admitting it, so that nothing here can strand a counted slot.
         self._set_keepalive(sock)
-        conn = _Conn(slot, sock, fd, self._state.server(server), self._max_age)
+        conn = _Conn(slot, sock, ident, self._state.server(server), self._max_age)
         kept, displaced = self._state.admit(conn)
         if not kept:
             self._turned_down += 1
@@ -464,7 +499,7 @@ class CallosumClient:
             _close_quietly(sock)
             return False
         self._kept += 1
-        _pooled[fd] = sock
+        _pooled[ident] = sock
         conn.poll = _unfit_check(sock, fd)
         conn.io = io = self._loop.io(fd, _READ)
         # An idle pool must not keep the hub alive on its own.
@@ -771,8 +806,8 @@ class CallosumClient:
         conn.io.close()
         conn.wake = None
         self._conns.pop(conn.item, None)
-        if _pooled.get(conn.fd) is conn.item:
-            del _pooled[conn.fd]
+        if _pooled.get(conn.ident) is conn.item:
+            del _pooled[conn.ident]
         _close_quietly(conn.item)
 
     def close(self) -> None:

@@ -397,3 +397,99 @@ def test_debug_logs_name_the_server(peers: PeerServer, caplog: pytest.LogCapture
         client.discard_connection(client.get_connection(timeout=0))
     assert "kept slot 3 of 'b1'" in caplog.text
     assert "closed slot 3 of 'b1': discarded" in caplog.text
+
+
+def test_lease_entered_by_a_second_greenlet_while_the_first_waits_is_refused(
+    peers: PeerServer,
+) -> None:
+    client = CallosumClient(max_slots=2)
+    first = offer(client, peers, 0)
+    second = offer(client, peers, 1)
+    assert client.get_connection(timeout=0) is first
+    assert client.get_connection(timeout=0) is second
+    lease = client.connection(timeout=5)
+    got: list[Any] = []
+
+    def use() -> None:
+        with lease as sock:
+            got.append(sock)
+            gevent.sleep(0.05)
+            sock.sendall(b"mine")
+
+    waiting = gevent.spawn(use)
+    gevent.sleep(0)  # it waits inside lease.__enter__
+    intruder = gevent.spawn(use)
+    with pytest.raises(RuntimeError, match="already in use"):
+        intruder.get(timeout=2)
+    client.return_connection(first)
+    client.return_connection(second)
+    waiting.get(timeout=2)
+    assert got == [first]
+    # The lease gave back the one socket it took; the other stayed idle throughout.
+    assert (client.slot_count, client.idle_count, client.leased_count) == (2, 2, 0)
+    # And a lease whose wait failed can be entered again.
+    lease = client.connection(timeout=0.01)
+    held = [client.get_connection(timeout=0), client.get_connection(timeout=0)]
+    with pytest.raises(PoolTimeout), lease:
+        pass
+    client.return_connection(held[0])
+    with lease as sock:
+        assert sock is held[0]
+    client.return_connection(held[1])
+    assert client.idle_count == 2
+
+
+def test_duplicates_of_a_pooled_socket_are_refused(peers: PeerServer) -> None:
+    """dup(), fromfd() and socket(fileno=os.dup()) copy the descriptor, not the connection."""
+    client = CallosumClient(max_slots=4)
+    other = CallosumClient(max_slots=4)
+    sock = offer(client, peers, 0)
+    copies = [
+        sock.dup(),
+        gevent.socket.fromfd(sock.fileno(), sock.family, sock.type),
+        gevent.socket.socket(fileno=os.dup(sock.fileno())),
+        stdsocket.socket(fileno=os.dup(sock.fileno())),
+    ]
+    for copy in copies:
+        for pool, whose in ((client, "this"), (other, "another")):
+            with pytest.raises(ValueError, match=f"sock is already pooled by {whose} client"):
+                pool.new_connection(1, copy)
+    assert client.stats()["kept"] == 1 and other.stats()["kept"] == 0
+    assert not any(is_closed(copy) for copy in copies)
+    # Once the pool lets the original go, a copy may be pooled in its place.
+    client.discard_connection(client.get_connection(timeout=0))
+    assert other.new_connection(0, copies[0])
+    with pytest.raises(ValueError, match="already pooled by another client"):
+        client.new_connection(0, copies[1])
+    for copy in copies[1:]:
+        copy.close()
+
+
+class _TextFileno(gevent.socket.socket):
+    def fileno(self) -> Any:
+        return str(super().fileno())
+
+
+class _BogusFileno(gevent.socket.socket):
+    def fileno(self) -> int:
+        return 2**20  # no such descriptor
+
+
+class _FailingFileno(gevent.socket.socket):
+    def fileno(self) -> int:
+        raise OSError("no descriptor")
+
+
+def test_sockets_with_a_weird_fileno_are_refused_naming_sock(peers: PeerServer) -> None:
+    client = CallosumClient(max_slots=2)
+    for kind, error, match in [
+        (_TextFileno, TypeError, "sock.fileno"),
+        (_FailingFileno, ValueError, "sock is closed"),
+        (_BogusFileno, ValueError, "sock is closed"),
+    ]:
+        sock, _ = peers.connect()
+        weird = kind(fileno=sock.detach())
+        with pytest.raises(error, match=match):
+            client.new_connection(0, weird)
+        assert client.stats()["kept"] == 0 and not weird._closed
+        weird.close()

@@ -6,12 +6,14 @@ model gave it, no socket is held by two borrowers, and no socket is lost or
 left open. Borrowers also misbehave: they give a socket back twice while it
 is on its way to a waiter, return or discard one already idle, and leave a
 ``with`` block whose socket they gave back themselves and which may since have
-been lent again; each must be refused or ignored, changing nothing.
+been lent again, or enter or leave a lease whose with block still waits in
+another greenlet; each must be refused or ignored, changing nothing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import gevent
@@ -100,6 +102,18 @@ class WaitersModel(RuleBasedStateMachine):
         self.queue.remove(waiter)
         waiter.killed = True
         waiter.greenlet.kill(block=True)
+
+    @precondition(lambda self: any(w.lease is not None for w in self.queue))
+    @rule(data=st.data(), by_exit=st.booleans())
+    def intrude_on_a_waiting_lease(self, data: st.DataObject, by_exit: bool) -> None:
+        # Another greenlet enters (or exits) a lease whose with block still waits.
+        waiter = data.draw(st.sampled_from([w for w in self.queue if w.lease is not None]))
+        call = (
+            partial(waiter.lease.__exit__, None, None, None) if by_exit else waiter.lease.__enter__
+        )
+        intruder = gevent.spawn(call)
+        settle()
+        assert intruder.ready() and isinstance(intruder.exception, RuntimeError)
 
     def holders(self) -> list[Waiter]:
         return [w for w in self.done if w.gets and w.gets.status != CLOSED]
