@@ -209,7 +209,10 @@ class PoolState(Generic[E, W]):
         if not self.ranked or offered is held or not held.measured or offered.penalty > 0.0:
             return False
         if not offered.measured:
-            return True
+            # Never, once one of its connections died young: untried but with
+            # an early death is a sinkhole's mark, and its decayed penalty
+            # would let it take a one-slot client's healthy slot every 30 s.
+            return offered.early_deaths == 0
         return held.avg * held.factor > SWAP_RATIO * offered.avg * offered.factor
 
     # -- connections -------------------------------------------------------
