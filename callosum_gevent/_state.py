@@ -215,6 +215,17 @@ class PoolState(Generic[E, W]):
             return offered.early_deaths == 0
         return held.avg * held.factor > SWAP_RATIO * offered.avg * offered.factor
 
+    def _forget_if_blank(self, server: Server) -> None:
+        # A server known only from turned-down offers tells nothing: forget it,
+        # or a big or changing fleet grows the table, and every tick's re-keying
+        # of untried servers, without bound. It starts afresh if offered again.
+        if server.entries or server.measured or server.penalty:
+            return
+        if server.errors or server.evictions or server.retired:
+            return
+        if self.servers.get(server.id) is server:
+            del self.servers[server.id]
+
     # -- connections -------------------------------------------------------
 
     def admit(self, entry: E) -> tuple[bool, E | None]:
@@ -236,6 +247,7 @@ class PoolState(Generic[E, W]):
             if entry.slot >= worst.slot and (
                 entry.slot > worst.slot or not self._displaces(entry.server, worst.server)
             ):
+                self._forget_if_blank(entry.server)
                 return False, None
             heappop(high)
             self.slot_count -= 1

@@ -283,3 +283,17 @@ def test_aged_connection_is_not_handed_to_a_waiter(backends: dict[str, Backend])
     assert waiter.get(timeout=5) is fresh
     client.return_connection(fresh)
     client.close()
+
+
+def test_servers_only_turned_down_are_not_remembered(backends: dict[str, Backend]) -> None:
+    # A full client is offered connections from ever more server ids (a big
+    # fleet, or one whose pods come and go): those it turns down carry nothing
+    # to remember, and keeping them grew the table and each tick's work
+    # (every untried server re-keyed against every other) without bound.
+    client = CallosumClient(max_slots=1)
+    assert client.new_connection(0, backends["fast1"].connect(), server="kept")
+    for i in range(50):
+        assert not client.new_connection(1, backends["fast2"].connect(), server=("gone", i))
+    assert list(client.server_stats()) == ["kept"]
+    assert len(client._state.servers) == 1
+    client.close()
