@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import gevent
+import gevent.event
 import pytest
 from _peers import PeerServer, is_closed, peer_saw_eof, wait_until
 from gevent import socket
@@ -296,4 +297,30 @@ def test_servers_only_turned_down_are_not_remembered(backends: dict[str, Backend
         assert not client.new_connection(1, backends["fast2"].connect(), server=("gone", i))
     assert list(client.server_stats()) == ["kept"]
     assert len(client._state.servers) == 1
+    client.close()
+
+
+def test_killed_borrower_does_not_count_against_the_server(
+    backends: dict[str, Backend],
+) -> None:
+    # gevent.kill says nothing about the server: the connection is discarded
+    # (its protocol state is unknown) but must not count as an early death,
+    # which would double a healthy server's rank (up to 1024x) whenever an
+    # application cancels its greenlets soon after the rover connected.
+    client = CallosumClient(max_slots=2)
+    assert client.new_connection(0, backends["fast1"].connect())
+    lent = gevent.event.Event()
+
+    def borrower() -> None:
+        with client.connection(timeout=5):
+            lent.set()
+            gevent.sleep(30)
+
+    g = gevent.spawn(borrower)
+    assert lent.wait(timeout=5)
+    g.kill(block=True, timeout=5)
+    stats = client.stats()
+    assert stats["discarded"] == 1 and stats["early_deaths"] == 0
+    (server,) = client._state.servers.values()
+    assert server.penalty == 0.0
     client.close()
