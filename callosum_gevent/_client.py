@@ -698,6 +698,13 @@ class CallosumClient:
             raise ValueError(_not_lent(conn))
         self._discarded += 1
         if blame:
+            server = conn.server
+            took = _clock() - conn.lent_time
+            # Cut short (a Timeout, say) after longer than its server's
+            # average: a lower bound on that server's time, so a server that
+            # stalls is seen slow. A quick failure proves no speed.
+            if server.measured and took > server.avg and server.cut(took):
+                self._state.rekey(server)
             self._fail(conn, "discarded")
         else:
             self._drop(conn, "discarded: borrower killed or interrupted")
@@ -926,7 +933,8 @@ class CallosumClient:
 
         Per server: ``connections`` holding a slot, ``idle``, ``leased``
         (retired ones included), ``latency_ms`` (decaying average lease time,
-        None until a lease was returned), ``leases_total`` (leases handed back),
+        None until a lease was returned; a lease discarded after longer than
+        the average counts too, not in ``leases_total``), ``leases_total`` (leases handed back),
         ``errors_total`` (found dead at hand-out or return, or discarded; not
         when a ``with`` block ended by GreenletExit, KeyboardInterrupt or SystemExit),
         ``evictions_total`` (closed by its watcher while idle),

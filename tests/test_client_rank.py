@@ -324,3 +324,28 @@ def test_killed_borrower_does_not_count_against_the_server(
     (server,) = client._state.servers.values()
     assert server.penalty == 0.0
     client.close()
+
+
+def test_lease_cut_by_a_timeout_counts_towards_its_server_average(
+    backends: dict[str, Backend],
+) -> None:
+    # A server that stops answering: every lease on it ends in the borrower's
+    # Timeout and a discard. Unmeasured, it kept its old fast average, and a
+    # connection past its first seconds is no early death, so each refill to
+    # it was lent first and cut again, for as long as the stall lasted.
+    hung, fast = backends["fast1"], backends["fast2"]
+    client = CallosumClient(max_slots=4)
+    assert client.new_connection(0, hung.connect(), server="hung")
+    assert client.new_connection(1, fast.connect(), server="fast")
+    for _ in range(5):  # both measured: two leases at once
+        assert sorted(load(client, 2, 1)) == ["fast1", "fast2"]
+    gevent.sleep(3.5)  # past the early-death window
+    hung.delay = 3.0
+    with pytest.raises(gevent.Timeout), gevent.Timeout(0.3):
+        call(client)
+    assert client.stats()["early_deaths"] == 0
+    # Not a lease served: the rover reads leases_total as proof of service.
+    assert client.server_stats()["hung"]["leases_total"] == 5
+    assert client.new_connection(0, hung.connect(), server="hung")  # the rover's refill
+    assert call(client) == "fast2"
+    client.close()

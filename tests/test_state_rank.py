@@ -265,6 +265,15 @@ class RankModel(RuleBasedStateMachine):
         item = data.draw(st.sampled_from(self.with_state(IDLE, LEASED, RETIRED)))
         self.state.remove(item.entry)
 
+    @rule(server=st.sampled_from(SERVERS), seconds=st.floats(0.0, 2.0))
+    def cut(self, server: str, seconds: float) -> None:
+        # A lease discarded after longer than the average, as the client does.
+        known = self.state.server(server)
+        leases = known.leases
+        if known.measured and seconds > known.avg and known.cut(seconds):
+            self.state.rekey(known)
+        assert known.leases == leases
+
     @rule(server=st.sampled_from(SERVERS), later=st.floats(0.0, 40.0))
     def penalise(self, server: str, later: float) -> None:
         self.now += later
