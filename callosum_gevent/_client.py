@@ -940,7 +940,7 @@ class CallosumClient:
         ``evictions_total`` (closed by its watcher while idle),
         ``early_deaths_total`` (errors and evictions within a few seconds of
         admission) and ``retired_total`` (given up on purpose: replaced by a
-        lower slot, or retired).
+        lower or equal slot, retired, or aged out).
         """
         return self._state.server_stats()
 
