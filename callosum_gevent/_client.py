@@ -17,7 +17,7 @@ import gevent
 from gevent import socket as gsocket
 from gevent.event import Event
 from gevent.monkey import get_original
-from greenlet import greenlet
+from greenlet import GreenletExit, greenlet
 
 from ._servers import Server
 from ._state import CLOSED, HANDED, IDLE, LEASED, RANKS, RETIRED, Entry, PoolState
@@ -204,11 +204,16 @@ class _Lease:
             self._client.return_connection(conn.item)
         else:
             # The protocol state is unknown after an error: never mask the
-            # borrower's exception.
-            self._client._discard(conn.item, quiet=True)
+            # borrower's exception. A killed or interrupted borrower says
+            # nothing about the server, so its connection is no early death.
+            blame = not issubclass(exc_type, _NOT_THE_SERVERS)
+            self._client._discard(conn.item, quiet=True, blame=blame)
 
 
 _new_lease = object.__new__
+# Exceptions that end a lease for the borrower's own reasons: its connection is
+# discarded, but not counted against its server.
+_NOT_THE_SERVERS: Final = (GreenletExit, KeyboardInterrupt, SystemExit)
 # A lease's connection while its __enter__ waits for one (holder None: never ours).
 _ENTERING: Final = Entry(-1, None)
 
@@ -586,7 +591,9 @@ class CallosumClient:
         At exit the block gives back only the socket it still holds: if it
         already returned or discarded the socket itself, exit does nothing,
         even if the socket was lent to someone else meanwhile. A lease is
-        entered by one ``with`` at a time (else :class:`RuntimeError`).
+        entered by one ``with`` at a time (else :class:`RuntimeError`). A block
+        ended by GreenletExit (a killed borrower), KeyboardInterrupt or
+        SystemExit discards the socket without counting it against its server.
         """
         # object.__new__ and three stores cost less than a call to an __init__.
         lease = _new_lease(_Lease)
@@ -683,14 +690,24 @@ class CallosumClient:
         except TypeError:  # unhashable: certainly not one of ours
             raise TypeError(f"sock must be a socket, not {type(sock).__name__}") from None
 
-    def _discard(self, sock: Any, *, quiet: bool) -> None:
+    def _discard(self, sock: Any, *, quiet: bool, blame: bool = True) -> None:
         conn = self._lent(sock)
         if conn is None or conn.state < LEASED:
             if quiet:
                 return
             raise ValueError(_not_lent(conn))
         self._discarded += 1
-        self._fail(conn, "discarded")
+        if blame:
+            server = conn.server
+            took = _clock() - conn.lent_time
+            # Cut short (a Timeout, say) after longer than its server's
+            # average: a lower bound on that server's time, so a server that
+            # stalls is seen slow. A quick failure proves no speed.
+            if server.measured and took > server.avg and server.cut(took):
+                self._state.rekey(server)
+            self._fail(conn, "discarded")
+        else:
+            self._drop(conn, "discarded: borrower killed or interrupted")
 
     # -- waiting -----------------------------------------------------------
 
@@ -916,12 +933,14 @@ class CallosumClient:
 
         Per server: ``connections`` holding a slot, ``idle``, ``leased``
         (retired ones included), ``latency_ms`` (decaying average lease time,
-        None until a lease was returned), ``leases_total`` (leases handed back),
-        ``errors_total`` (found dead at hand-out or return, or discarded),
+        None until a lease was returned; a lease discarded after longer than
+        the average counts too, not in ``leases_total``), ``leases_total`` (leases handed back),
+        ``errors_total`` (found dead at hand-out or return, or discarded; not
+        when a ``with`` block ended by GreenletExit, KeyboardInterrupt or SystemExit),
         ``evictions_total`` (closed by its watcher while idle),
         ``early_deaths_total`` (errors and evictions within a few seconds of
         admission) and ``retired_total`` (given up on purpose: replaced by a
-        lower slot, or retired).
+        lower or equal slot, retired, or aged out).
         """
         return self._state.server_stats()
 

@@ -928,7 +928,7 @@ class Rover:
         self._counts["early_deaths"] += deaths
         if server.lease_seen_at > now - EARLY_DEATH_S:
             # It served requests just now: these connections were most likely
-            # discarded by the application (a timeout, a killed greenlet),
+            # discarded by the application (a borrower's timeout, say),
             # which the client counts alike. A sinkhole serves none.
             return
         # The client counts per server id, not per address: blame the addresses

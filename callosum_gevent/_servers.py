@@ -117,6 +117,17 @@ class Server:
         self.avg = avg
         return avg < self.band_lo or avg > self.band_hi
 
+    def cut(self, seconds: float) -> bool:
+        """Record a lease cut short after ``seconds`` (a lower bound on its time).
+
+        It moves the average as a lease would, but is not counted in
+        ``leases``: it served nothing. Return whether the average left the band.
+        """
+        avg = self.avg
+        weight = ALPHA if self.leases >= _WARM else 1.0 / (self.leases + 1)
+        self.avg = avg = avg + (seconds - avg) * weight
+        return avg < self.band_lo or avg > self.band_hi
+
     def penalise(self, now: float) -> None:
         """Double the rank for an early death at ``now`` (seconds, any clock)."""
         self.decay(now)

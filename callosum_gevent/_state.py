@@ -209,8 +209,22 @@ class PoolState(Generic[E, W]):
         if not self.ranked or offered is held or not held.measured or offered.penalty > 0.0:
             return False
         if not offered.measured:
-            return True
+            # Never, once one of its connections died young: untried but with
+            # an early death is a sinkhole's mark, and its decayed penalty
+            # would let it take a one-slot client's healthy slot every 30 s.
+            return offered.early_deaths == 0
         return held.avg * held.factor > SWAP_RATIO * offered.avg * offered.factor
+
+    def _forget_if_blank(self, server: Server) -> None:
+        # A server known only from turned-down offers tells nothing: forget it,
+        # or a big or changing fleet grows the table, and every tick's re-keying
+        # of untried servers, without bound. It starts afresh if offered again.
+        if server.entries or server.measured or server.penalty:
+            return
+        if server.errors or server.evictions or server.retired:
+            return
+        if self.servers.get(server.id) is server:
+            del self.servers[server.id]
 
     # -- connections -------------------------------------------------------
 
@@ -233,6 +247,7 @@ class PoolState(Generic[E, W]):
             if entry.slot >= worst.slot and (
                 entry.slot > worst.slot or not self._displaces(entry.server, worst.server)
             ):
+                self._forget_if_blank(entry.server)
                 return False, None
             heappop(high)
             self.slot_count -= 1

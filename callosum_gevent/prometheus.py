@@ -84,7 +84,7 @@ _POOL_COUNTERS: tuple[_Row, ...] = (
     (
         "replaced",
         "callosum_connections_replaced_total",
-        "Connections retired to make room for a lower slot.",
+        "Connections retired to make room for a lower slot or a faster server.",
     ),
     (
         "evicted",
@@ -143,7 +143,11 @@ _SERVER_LATENCY: _Row = (
     "Decaying average of how long a connection to this server stays lent.",
 )
 _SERVER_COUNTERS: tuple[_Row, ...] = (
-    ("leases_total", "callosum_server_leases_total", "Connections to this server lent."),
+    (
+        "leases_total",
+        "callosum_server_leases_total",
+        "Leases of connections to this server handed back.",
+    ),
     (
         "errors_total",
         "callosum_server_errors_total",
@@ -162,7 +166,7 @@ _SERVER_COUNTERS: tuple[_Row, ...] = (
     (
         "retired_total",
         "callosum_server_retired_total",
-        "Connections to this server given up on purpose: replaced by a lower slot, or retired.",
+        "Connections to this server given up on purpose: replaced, retired, or aged out.",
     ),
 )
 _ROVER_GAUGES: tuple[_Row, ...] = (

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import gevent
+import gevent.event
 import pytest
 from _peers import PeerServer, is_closed, peer_saw_eof, wait_until
 from gevent import socket
@@ -282,4 +283,69 @@ def test_aged_connection_is_not_handed_to_a_waiter(backends: dict[str, Backend])
     assert client.new_connection(0, fresh)  # the rover's refill goes to the waiter
     assert waiter.get(timeout=5) is fresh
     client.return_connection(fresh)
+    client.close()
+
+
+def test_servers_only_turned_down_are_not_remembered(backends: dict[str, Backend]) -> None:
+    # A full client is offered connections from ever more server ids (a big
+    # fleet, or one whose pods come and go): those it turns down carry nothing
+    # to remember, and keeping them grew the table and each tick's work
+    # (every untried server re-keyed against every other) without bound.
+    client = CallosumClient(max_slots=1)
+    assert client.new_connection(0, backends["fast1"].connect(), server="kept")
+    for i in range(50):
+        assert not client.new_connection(1, backends["fast2"].connect(), server=("gone", i))
+    assert list(client.server_stats()) == ["kept"]
+    assert len(client._state.servers) == 1
+    client.close()
+
+
+def test_killed_borrower_does_not_count_against_the_server(
+    backends: dict[str, Backend],
+) -> None:
+    # gevent.kill says nothing about the server: the connection is discarded
+    # (its protocol state is unknown) but must not count as an early death,
+    # which would double a healthy server's rank (up to 1024x) whenever an
+    # application cancels its greenlets soon after the rover connected.
+    client = CallosumClient(max_slots=2)
+    assert client.new_connection(0, backends["fast1"].connect())
+    lent = gevent.event.Event()
+
+    def borrower() -> None:
+        with client.connection(timeout=5):
+            lent.set()
+            gevent.sleep(30)
+
+    g = gevent.spawn(borrower)
+    assert lent.wait(timeout=5)
+    g.kill(block=True, timeout=5)
+    stats = client.stats()
+    assert stats["discarded"] == 1 and stats["early_deaths"] == 0
+    (server,) = client._state.servers.values()
+    assert server.penalty == 0.0
+    client.close()
+
+
+def test_lease_cut_by_a_timeout_counts_towards_its_server_average(
+    backends: dict[str, Backend],
+) -> None:
+    # A server that stops answering: every lease on it ends in the borrower's
+    # Timeout and a discard. Unmeasured, it kept its old fast average, and a
+    # connection past its first seconds is no early death, so each refill to
+    # it was lent first and cut again, for as long as the stall lasted.
+    hung, fast = backends["fast1"], backends["fast2"]
+    client = CallosumClient(max_slots=4)
+    assert client.new_connection(0, hung.connect(), server="hung")
+    assert client.new_connection(1, fast.connect(), server="fast")
+    for _ in range(5):  # both measured: two leases at once
+        assert sorted(load(client, 2, 1)) == ["fast1", "fast2"]
+    gevent.sleep(3.5)  # past the early-death window
+    hung.delay = 3.0
+    with pytest.raises(gevent.Timeout), gevent.Timeout(0.3):
+        call(client)
+    assert client.stats()["early_deaths"] == 0
+    # Not a lease served: the rover reads leases_total as proof of service.
+    assert client.server_stats()["hung"]["leases_total"] == 5
+    assert client.new_connection(0, hung.connect(), server="hung")  # the rover's refill
+    assert call(client) == "fast2"
     client.close()

@@ -141,6 +141,20 @@ def test_equal_slot_offer_not_taken_from_a_penalised_server() -> None:
     assert not make(state, 0, "sink")[1]
 
 
+def test_equal_slot_offer_not_taken_from_an_untried_server_once_penalised() -> None:
+    # An untried server whose connection died young is a sinkhole until a
+    # lease on it proves otherwise: once its penalty has decayed it must not
+    # take a one-slot client's only (measured, healthy) slot every half-life.
+    state: State = PoolState(max_slots=1)
+    make(state, 0, "held")
+    measure(state, "held", 0.040)
+    assert state.server("sink").died(0.001, evicted=True)
+    state.penalise(state.server("sink"), now=0.0)
+    state.tick(10 * PENALTY_HALF_LIFE)
+    assert state.servers["sink"].penalty == 0.0
+    assert not make(state, 0, "sink")[1]
+
+
 def test_rank_slot_never_displaces_at_equal_slot() -> None:
     state: State = PoolState(max_slots=1, rank="slot")
     make(state, 0, "slow")
@@ -188,7 +202,9 @@ class RankModel(RuleBasedStateMachine):
         a, h = self.state.server(offered), self.state.servers[held]
         if offered == held or not h.measured or a.penalty > 0:
             return False
-        return not a.measured or h.avg * h.factor > SWAP_RATIO * a.avg * a.factor
+        if not a.measured:
+            return a.early_deaths == 0
+        return h.avg * h.factor > SWAP_RATIO * a.avg * a.factor
 
     @rule(slot=st.integers(0, 2), server=st.sampled_from(SERVERS))
     def offer(self, slot: int, server: str) -> None:
@@ -249,9 +265,20 @@ class RankModel(RuleBasedStateMachine):
         item = data.draw(st.sampled_from(self.with_state(IDLE, LEASED, RETIRED)))
         self.state.remove(item.entry)
 
+    @rule(server=st.sampled_from(SERVERS), seconds=st.floats(0.0, 2.0))
+    def cut(self, server: str, seconds: float) -> None:
+        # A lease discarded after longer than the average, as the client does.
+        known = self.state.server(server)
+        leases = known.leases
+        if known.measured and seconds > known.avg and known.cut(seconds):
+            self.state.rekey(known)
+        assert known.leases == leases
+
     @rule(server=st.sampled_from(SERVERS), later=st.floats(0.0, 40.0))
     def penalise(self, server: str, later: float) -> None:
         self.now += later
+        # As the client does: an early death is recorded, then penalised.
+        assert self.state.server(server).died(0.0, evicted=True)
         self.state.penalise(self.state.server(server), self.now)
 
     @rule(later=st.floats(0.0, 40.0))
