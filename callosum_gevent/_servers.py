@@ -36,6 +36,15 @@ EARLY_DEATH_S: Final = 3.0
 ALPHA: Final = 0.02
 _WARM: Final = round(1 / ALPHA)
 
+#: Once warm, a lease counts at most OUTLIER times the average. A borrower that
+#: streams, or sleeps holding its connection, says little about the server: one
+#: 10 s lease on a 2 ms server moved the average 100x, and the server, ranked
+#: last, then got too few leases (~220 needed) to recover. Clamped, one such
+#: lease moves it 1.3x; a real slowdown (3x, 10x) is inside the clamp, and a
+#: stall still compounds 1.3x per lease. Cut leases (``cut``) are not clamped:
+#: a borrower gave up on the server.
+OUTLIER: Final = 16.0
+
 #: An early death doubles its server's rank; the doubling decays by half every
 #: PENALTY_HALF_LIFE seconds, up to PENALTY_MAX_DOUBLINGS at once.
 PENALTY_HALF_LIFE: Final = 30.0
@@ -111,7 +120,8 @@ class Server:
         self.leases = n = self.leases + 1
         avg = self.avg
         if n > _WARM:
-            avg += (seconds - avg) * ALPHA
+            limit = avg * OUTLIER
+            avg += ((seconds if seconds < limit else limit) - avg) * ALPHA
         else:
             avg += (seconds - avg) / n
         self.avg = avg

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from callosum_gevent._servers import ALPHA, EARLY_DEATH_S, Server
+from callosum_gevent._servers import ALPHA, EARLY_DEATH_S, OUTLIER, Server
 from callosum_gevent._state import CLOSED, IDLE, LEASED, RETIRED, Entry, PoolState
 
 
@@ -84,3 +84,18 @@ def test_entry_without_server_is_filed_under_none() -> None:
     assert entry.server is state.servers[None] and entry.state == LEASED
     state.restore(entry)
     assert entry.state == IDLE
+
+
+def test_one_long_lease_does_not_bury_a_fast_server() -> None:
+    # A borrower that streams or sleeps while holding a connection says little
+    # about the server: one 10 s lease on a 2 ms server must not rank it 100x
+    # worse (before the clamp it did, for ~220 leases it would then rarely get).
+    server = Server("a")
+    for _ in range(round(1 / ALPHA) + 10):
+        server.lease(0.002)
+    server.lease(10.0)
+    assert server.avg < 0.002 * (1 + ALPHA * OUTLIER)
+    # A real slowdown still shows: ten times slower is within the clamp.
+    for _ in range(200):
+        server.lease(0.020)
+    assert server.avg == pytest.approx(0.020, rel=0.05)
