@@ -36,6 +36,7 @@ _DEAD_MASK: Final = _select[0] | _select[1] | _select[2]
 _READ: Final = 1  # libev EV_READ
 
 _MAX_SLOT_NUMBER: Final = 2**31 - 1
+_INF: Final = float("inf")
 
 # Lease times and connection ages: monotonic, and the cheapest such clock.
 _clock = perf_counter
@@ -150,7 +151,7 @@ class _Lease:
     __slots__ = ("_client", "_conn", "_timeout")
 
     _client: CallosumClient
-    _conn: Entry | None
+    _conn: _Conn | None
     _timeout: float | None
 
     def __enter__(self) -> Any:
@@ -160,7 +161,8 @@ class _Lease:
             )
         client = self._client
         timeout = self._timeout
-        if timeout is not None:
+        # A finite float >= 0 needs no further checks (NaN fails the range).
+        if timeout is not None and (type(timeout) is not float or not 0.0 <= timeout < _INF):
             timeout = _check_timeout(timeout)
         # get_connection's fast path, inlined: the with block is the hot path,
         # and it needs the connection, not just its socket.
@@ -201,7 +203,8 @@ class _Lease:
             # or the parent's after a fork: not ours to give back.
             return
         if exc_type is None:
-            self._client.return_connection(conn.item)
+            # Held by this lease, so LEASED or RETIRED: no need to look it up.
+            self._client._give_back(conn)
         else:
             # The protocol state is unknown after an error: never mask the
             # borrower's exception.
@@ -210,7 +213,7 @@ class _Lease:
 
 _new_lease = object.__new__
 # A lease's connection while its __enter__ waits for one (holder None: never ours).
-_ENTERING: Final = Entry(-1, None)
+_ENTERING: Final[Any] = Entry(-1, None)
 
 _clients: weakref.WeakSet[CallosumClient] = weakref.WeakSet()
 
@@ -549,7 +552,7 @@ class CallosumClient:
         :class:`PoolTimeout` when time runs out, :class:`PoolClosed` when the
         client is or becomes closed. Waiters are served first come, first served.
         """
-        if timeout is not None:
+        if timeout is not None and (type(timeout) is not float or not 0.0 <= timeout < _INF):
             timeout = _check_timeout(timeout)
         conn = self._state.lend()
         if conn is not None and not conn.poll(0):
@@ -565,8 +568,11 @@ class CallosumClient:
         if conn is not None:
             self._dead_at_handout += 1
             self._fail(conn, "found dead at hand-out")
-        taken = self._take_idle()
-        return taken if taken is not None else self._wait(timeout)
+            taken = self._take_idle()
+            if taken is not None:
+                return taken
+        # None: lend() found the idle heap empty, so waiting is all that is left.
+        return self._wait(timeout)
 
     def _take_idle(self) -> _Conn | None:
         # Skip idle connections found dead; lend the first live one.
@@ -612,12 +618,17 @@ class CallosumClient:
             conn = self._conns.get(sock)
         except TypeError:
             conn = self._lent(sock)  # raises, naming the argument
-        if conn is None or conn.state != LEASED:
-            if conn is not None and conn.state == RETIRED:
-                self._measure(conn, _clock())
-                self._drop(conn, "retired")
-                return
+        if conn is None or not LEASED <= conn.state <= RETIRED:
             raise ValueError(_not_lent(conn))
+        self._give_back(conn)
+
+    def _give_back(self, conn: _Conn) -> None:
+        # return_connection once the socket is known to be lent: LEASED or RETIRED.
+        if conn.state == RETIRED:
+            self._measure(conn, _clock())
+            self._drop(conn, "retired")
+            return
+        sock = conn.item
         if self._closed:
             self._drop(conn, "client closed")
             return
@@ -633,31 +644,29 @@ class CallosumClient:
         # back again. Cleared here and in _drop, the holder is None whenever a
         # connection is idle or handed over, so lending need not clear it.
         conn.holder = None
-        if self._state.waiters:
-            now = _clock()
-            self._measure(conn, now)
-            if now >= conn.expires:
-                self._age_out(conn)
-            else:
-                self._release(conn)  # the waiter checks it when it wakes: one poll, not two
-        elif (
-            # Checked at hand-out in this same turn of the hub: the FIN a poll
-            # could find now would also be found at the next hand-out, and the
-            # watcher acts on it within a turn, so save the system call.
-            (conn.lent_at != self._loop.iteration or conn.lent_at < 0) and conn.poll(0)
+        state = self._state
+        if (
+            # With a waiter queued, it checks the connection when it wakes: one
+            # poll, not two. Checked at hand-out in this same turn of the hub
+            # (lent_at is -1 until first lent): the FIN a poll could find now
+            # would also be found at the next hand-out, and the watcher acts on
+            # it within a turn, so save the system call.
+            not state.waiters and conn.lent_at != self._loop.iteration and conn.poll(0)
         ):
             self._dead_at_return += 1
             self._fail(conn, "found dead at return")
+            return
+        now = _clock()
+        if now >= conn.expires:
+            self._measure(conn, now)
+            self._age_out(conn)
+            return
+        waiter = state.give_back(conn, now - conn.lent_time)
+        if waiter is None:
+            conn.io.start(conn.wake)
         else:
-            now = _clock()
-            server = conn.server
-            if server.lease(now - conn.lent_time):
-                self._state.rekey(server)
-            if now >= conn.expires:
-                self._age_out(conn)
-            else:
-                self._state.restore(conn)
-                conn.io.start(conn.wake)
+            waiter.conn = conn
+            waiter.event.set()
 
     def _measure(self, conn: _Conn, now: float) -> None:
         # Record a lease that ended at ``now``; re-key its server if it moved.
@@ -695,17 +704,14 @@ class CallosumClient:
     # -- waiting -----------------------------------------------------------
 
     def _release(self, conn: _Conn) -> None:
-        # Hand a LEASED connection to the longest waiter, or make it idle.
-        waiter = self._state.dequeue()
-        if waiter is not None:
-            # In transit until the waiter wakes: nobody may return or discard it
-            # (LEASED -> HANDED, set here rather than through a call: hot path).
-            conn.state = HANDED
+        # Hand a LEASED connection to the longest waiter (HANDED: in transit
+        # until the waiter wakes, nobody may return or discard it), or make it idle.
+        waiter = self._state.release(conn)
+        if waiter is None:
+            conn.io.start(conn.wake)
+        else:
             waiter.conn = conn
             waiter.event.set()
-            return
-        self._state.restore(conn)
-        conn.io.start(conn.wake)
 
     def _wait(self, timeout: float | None) -> _Conn:
         if self._closed:
