@@ -17,7 +17,7 @@ import gevent
 from gevent import socket as gsocket
 from gevent.event import Event
 from gevent.monkey import get_original
-from greenlet import greenlet
+from greenlet import getcurrent, greenlet
 
 from ._servers import Server
 from ._state import CLOSED, HANDED, IDLE, LEASED, RANKS, RETIRED, Entry, PoolState
@@ -113,14 +113,27 @@ class _Conn(Entry):
 
 
 class _Waiter:
-    """A greenlet waiting in get_connection for a connection to be handed over."""
+    """A greenlet waiting in get_connection for a connection to be handed over.
 
-    __slots__ = ("conn", "event", "expired")
+    Reused by later waits once its wait took a connection (see ``_SPARE``),
+    with its Event and its timer: ``after`` is the length the timer was made for.
+    """
+
+    __slots__ = ("after", "conn", "event", "expired", "timer")
 
     def __init__(self) -> None:
         self.event = Event()
         self.conn: _Conn | None = None
         self.expired = False
+        self.timer: Any = None
+        self.after = -1.0
+
+
+# Waiters kept for reuse per client: a new Event and libev timer per wait cost
+# about a tenth of a contended cycle. Only a wait that ended with a connection
+# gives its waiter back (unlinked, its timer stopped); one timed out, closed or
+# killed is dropped, whatever may still be pending for it in the hub.
+_SPARE: Final = 64
 
 
 def _expire(waiter: _Waiter) -> None:
@@ -363,6 +376,7 @@ class CallosumClient:
         self._state: PoolState[_Conn, _Waiter] = PoolState(max_slots, rank)
         # Every connection this client owns, idle or lent, by its socket.
         self._conns: dict[Any, _Conn] = {}
+        self._spare: list[_Waiter] = []
         self._closed = False
         self._zero_counters()
         self._ticker: Any = None
@@ -723,21 +737,34 @@ class CallosumClient:
         if _get_ident() != self._thread:
             self._check_thread()
         self._waits += 1
-        waiter = _Waiter()
+        spare = self._spare
+        waiter = spare.pop() if spare else _Waiter()
         # self._state, not a local: a fork while waiting replaces it.
         self._state.enqueue(waiter)
         event = waiter.event
         # One timer for the whole wait, setting the same Event as a handover:
         # a gevent.Timeout per Event.wait() would cost more than the wait.
-        timer = None
+        timer = waiter.timer
         if timeout is not None:
-            timer = self._loop.timer(timeout)
+            if waiter.after != timeout:
+                if timer is not None:
+                    timer.close()
+                waiter.timer = timer = self._loop.timer(timeout)
+                waiter.after = timeout
             # From the current time: the loop's cached time is stale after
             # CPU-bound work in this greenlet, and the wait would be cut short.
             timer.start(_expire, waiter, update=True)
+        # Event.wait() without its wrapping (hub capture, a dummy Timeout, the
+        # return value): link this greenlet and sleep in the hub until set()
+        # switches back. The notifier unlinks it before switching; every
+        # other way out unlinks it here.
+        switch = getcurrent().switch
+        hub_switch = self._hub.switch
         try:
             while True:
-                event.wait()
+                event.rawlink(switch)
+                if hub_switch() is not event:
+                    event.unlink(switch)  # not woken by the Event: check anyway
                 event.clear()
                 conn = waiter.conn
                 if conn is not None:
@@ -746,7 +773,7 @@ class CallosumClient:
                     if taken is None:
                         taken = self._take_idle()
                     if taken is not None:
-                        return taken
+                        break
                     # It went bad on the way: wait again at the head of the
                     # queue, where this waiter already stood.
                     self._state.enqueue(waiter, first=True)
@@ -758,6 +785,9 @@ class CallosumClient:
         except BaseException:
             # Timed out, closed, killed or interrupted by an outer Timeout: leave
             # the queue, and pass on a connection handed over meanwhile.
+            event.unlink(switch)
+            if timer is not None:
+                timer.close()
             self._state.cancel(waiter)
             conn = waiter.conn
             if conn is not None:
@@ -769,9 +799,15 @@ class CallosumClient:
                     else:
                         self._release(conn)
             raise
-        finally:
-            if timer is not None:
-                timer.close()
+        # Served: nothing can set the Event any more (the timer stops here and
+        # the waiter is out of the queue), so the next wait may use it as new.
+        if timer is not None:
+            timer.stop()
+        waiter.expired = False
+        spare = self._spare  # not the local: a fork while waiting replaced it
+        if len(spare) < _SPARE:
+            spare.append(waiter)
+        return taken
 
     def _vet_handed(self, conn: _Conn) -> _Conn | None:
         # Check a connection handed over while this waiter slept; None if unfit.
@@ -850,6 +886,8 @@ class CallosumClient:
         self._loop = self._hub.loop
         self._thread = _get_ident()
         self._conns = {}
+        # Made for the parent's loop: the child's waits make their own.
+        self._spare = []
         self._state = PoolState[_Conn, _Waiter](self._max_slots, self._rank)
         self._state.waiters = waiters
         self._zero_counters()
