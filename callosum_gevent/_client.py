@@ -675,7 +675,7 @@ class CallosumClient:
             self._measure(conn, now)
             self._age_out(conn)
             return
-        waiter = state.give_back(conn, now - conn.lent_time)
+        waiter = state.release(conn, now - conn.lent_time)
         if waiter is None:
             conn.io.start(conn.wake)
         else:

@@ -15,8 +15,8 @@ A connection moves through these states::
                                        IDLE or HANDED one also when retired
 
 A HANDED connection belongs to nobody: it refuses returns and discards, so a
-stale second return cannot reach the waiter's socket. ``release`` and
-``give_back`` set HANDED; the client takes it back to LEASED itself when the
+stale second return cannot reach the waiter's socket. ``release`` sets
+HANDED; the client takes it back to LEASED itself when the
 waiter wakes (the hand-over is its hot path).
 ``Entry.holder`` names the lease that holds a LEASED or RETIRED connection
 (None for the raw API, and once given back), so a ``with`` block can tell its
@@ -278,30 +278,18 @@ class PoolState(Generic[E, W]):
         entry.state = IDLE
         heappush(self._idle, entry._low)
 
-    def release(self, entry: E) -> W | None:
+    def release(self, entry: E, seconds: float | None = None) -> W | None:
         """Hand a LEASED connection to the longest waiter, or make it idle.
 
         Return that waiter, the connection now HANDED to it, or None if
-        nobody waits: the connection is then IDLE.
+        nobody waits: the connection is then IDLE. With ``seconds``, first
+        record a lease of that length that ended normally (re-keying its
+        server if its average left the band): one call for the return's hot path.
         """
-        waiters = self.waiters
-        if waiters:
-            entry.state = HANDED
-            return waiters.popitem(last=False)[0]
-        entry.state = IDLE
-        heappush(self._idle, entry._low)
-        return None
-
-    def give_back(self, entry: E, seconds: float) -> W | None:
-        """Record a lease of ``seconds`` that ended normally, then release ``entry``.
-
-        One call for the return's hot path: the server's average (re-keyed if
-        it left its band), then :meth:`release`'s hand-over or restore.
-        """
-        server = entry.server
-        if server.lease(seconds):
-            self.rekey(server)
-        # release(), inlined: a call less per return.
+        if seconds is not None:
+            server = entry.server
+            if server.lease(seconds):
+                self.rekey(server)
         waiters = self.waiters
         if waiters:
             entry.state = HANDED

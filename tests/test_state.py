@@ -73,7 +73,7 @@ def test_waiters_fifo_with_cancel_and_requeue_first() -> None:
     assert [state.dequeue() for _ in range(4)] == ["a", "c", "d", None]
 
 
-def test_give_back_hands_to_the_longest_waiter_else_restores_and_measures_both() -> None:
+def test_release_hands_to_the_longest_waiter_else_restores_and_measures_both() -> None:
     state: PoolState[Entry, str] = PoolState(max_slots=2)
     a = Entry(0, object())
     b = Entry(1, object())
@@ -81,9 +81,9 @@ def test_give_back_hands_to_the_longest_waiter_else_restores_and_measures_both()
         state.admit(entry)
     state.enqueue("first")
     state.enqueue("second")
-    assert state.give_back(a, 0.002) == "first" and a.state == HANDED
+    assert state.release(a, 0.002) == "first" and a.state == HANDED
     assert state.release(b) == "second" and b.state == HANDED
-    assert state.give_back(a, 0.004) is None and a.state == IDLE
+    assert state.release(a, 0.004) is None and a.state == IDLE
     assert state.release(b) is None and b.state == IDLE
     assert a.server.leases == 2 and abs(a.server.avg - 0.003) < 1e-12  # release() measures nothing
     assert [state.lend(), state.lend(), state.lend()] == [a, b, None]
