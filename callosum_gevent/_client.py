@@ -17,7 +17,7 @@ import gevent
 from gevent import socket as gsocket
 from gevent.event import Event
 from gevent.monkey import get_original
-from greenlet import GreenletExit, greenlet
+from greenlet import GreenletExit, getcurrent, greenlet
 
 from ._servers import Server
 from ._state import CLOSED, HANDED, IDLE, LEASED, RANKS, RETIRED, Entry, PoolState
@@ -36,6 +36,7 @@ _DEAD_MASK: Final = _select[0] | _select[1] | _select[2]
 _READ: Final = 1  # libev EV_READ
 
 _MAX_SLOT_NUMBER: Final = 2**31 - 1
+_INF: Final = float("inf")
 
 # Lease times and connection ages: monotonic, and the cheapest such clock.
 _clock = perf_counter
@@ -112,14 +113,27 @@ class _Conn(Entry):
 
 
 class _Waiter:
-    """A greenlet waiting in get_connection for a connection to be handed over."""
+    """A greenlet waiting in get_connection for a connection to be handed over.
 
-    __slots__ = ("conn", "event", "expired")
+    Reused by later waits once its wait took a connection (see ``_SPARE``),
+    with its Event and its timer: ``after`` is the length the timer was made for.
+    """
+
+    __slots__ = ("after", "conn", "event", "expired", "timer")
 
     def __init__(self) -> None:
         self.event = Event()
         self.conn: _Conn | None = None
         self.expired = False
+        self.timer: Any = None
+        self.after = -1.0
+
+
+# Waiters kept for reuse per client: a new Event and libev timer per wait cost
+# about a tenth of a contended cycle. Only a wait that ended with a connection
+# gives its waiter back (unlinked, its timer stopped); one timed out, closed or
+# killed is dropped, whatever may still be pending for it in the hub.
+_SPARE: Final = 64
 
 
 def _expire(waiter: _Waiter) -> None:
@@ -150,7 +164,7 @@ class _Lease:
     __slots__ = ("_client", "_conn", "_timeout")
 
     _client: CallosumClient
-    _conn: Entry | None
+    _conn: _Conn | None
     _timeout: float | None
 
     def __enter__(self) -> Any:
@@ -160,7 +174,8 @@ class _Lease:
             )
         client = self._client
         timeout = self._timeout
-        if timeout is not None:
+        # A finite float >= 0 needs no further checks (NaN fails the range).
+        if timeout is not None and (type(timeout) is not float or not 0.0 <= timeout < _INF):
             timeout = _check_timeout(timeout)
         # get_connection's fast path, inlined: the with block is the hot path,
         # and it needs the connection, not just its socket.
@@ -201,7 +216,8 @@ class _Lease:
             # or the parent's after a fork: not ours to give back.
             return
         if exc_type is None:
-            self._client.return_connection(conn.item)
+            # Held by this lease, so LEASED or RETIRED: no need to look it up.
+            self._client._give_back(conn)
         else:
             # The protocol state is unknown after an error: never mask the
             # borrower's exception. A killed or interrupted borrower says
@@ -215,7 +231,7 @@ _new_lease = object.__new__
 # discarded, but not counted against its server.
 _NOT_THE_SERVERS: Final = (GreenletExit, KeyboardInterrupt, SystemExit)
 # A lease's connection while its __enter__ waits for one (holder None: never ours).
-_ENTERING: Final = Entry(-1, None)
+_ENTERING: Final[Any] = Entry(-1, None)
 
 _clients: weakref.WeakSet[CallosumClient] = weakref.WeakSet()
 
@@ -365,6 +381,7 @@ class CallosumClient:
         self._state: PoolState[_Conn, _Waiter] = PoolState(max_slots, rank)
         # Every connection this client owns, idle or lent, by its socket.
         self._conns: dict[Any, _Conn] = {}
+        self._spare: list[_Waiter] = []
         self._closed = False
         self._zero_counters()
         self._ticker: Any = None
@@ -554,7 +571,7 @@ class CallosumClient:
         :class:`PoolTimeout` when time runs out, :class:`PoolClosed` when the
         client is or becomes closed. Waiters are served first come, first served.
         """
-        if timeout is not None:
+        if timeout is not None and (type(timeout) is not float or not 0.0 <= timeout < _INF):
             timeout = _check_timeout(timeout)
         conn = self._state.lend()
         if conn is not None and not conn.poll(0):
@@ -570,8 +587,11 @@ class CallosumClient:
         if conn is not None:
             self._dead_at_handout += 1
             self._fail(conn, "found dead at hand-out")
-        taken = self._take_idle()
-        return taken if taken is not None else self._wait(timeout)
+            taken = self._take_idle()
+            if taken is not None:
+                return taken
+        # None: lend() found the idle heap empty, so waiting is all that is left.
+        return self._wait(timeout)
 
     def _take_idle(self) -> _Conn | None:
         # Skip idle connections found dead; lend the first live one.
@@ -619,12 +639,17 @@ class CallosumClient:
             conn = self._conns.get(sock)
         except TypeError:
             conn = self._lent(sock)  # raises, naming the argument
-        if conn is None or conn.state != LEASED:
-            if conn is not None and conn.state == RETIRED:
-                self._measure(conn, _clock())
-                self._drop(conn, "retired")
-                return
+        if conn is None or not LEASED <= conn.state <= RETIRED:
             raise ValueError(_not_lent(conn))
+        self._give_back(conn)
+
+    def _give_back(self, conn: _Conn) -> None:
+        # return_connection once the socket is known to be lent: LEASED or RETIRED.
+        if conn.state == RETIRED:
+            self._measure(conn, _clock())
+            self._drop(conn, "retired")
+            return
+        sock = conn.item
         if self._closed:
             self._drop(conn, "client closed")
             return
@@ -640,31 +665,29 @@ class CallosumClient:
         # back again. Cleared here and in _drop, the holder is None whenever a
         # connection is idle or handed over, so lending need not clear it.
         conn.holder = None
-        if self._state.waiters:
-            now = _clock()
-            self._measure(conn, now)
-            if now >= conn.expires:
-                self._age_out(conn)
-            else:
-                self._release(conn)  # the waiter checks it when it wakes: one poll, not two
-        elif (
-            # Checked at hand-out in this same turn of the hub: the FIN a poll
-            # could find now would also be found at the next hand-out, and the
-            # watcher acts on it within a turn, so save the system call.
-            (conn.lent_at != self._loop.iteration or conn.lent_at < 0) and conn.poll(0)
+        state = self._state
+        if (
+            # With a waiter queued, it checks the connection when it wakes: one
+            # poll, not two. Checked at hand-out in this same turn of the hub
+            # (lent_at is -1 until first lent): the FIN a poll could find now
+            # would also be found at the next hand-out, and the watcher acts on
+            # it within a turn, so save the system call.
+            not state.waiters and conn.lent_at != self._loop.iteration and conn.poll(0)
         ):
             self._dead_at_return += 1
             self._fail(conn, "found dead at return")
+            return
+        now = _clock()
+        if now >= conn.expires:
+            self._measure(conn, now)
+            self._age_out(conn)
+            return
+        waiter = state.release(conn, now - conn.lent_time)
+        if waiter is None:
+            conn.io.start(conn.wake)
         else:
-            now = _clock()
-            server = conn.server
-            if server.lease(now - conn.lent_time):
-                self._state.rekey(server)
-            if now >= conn.expires:
-                self._age_out(conn)
-            else:
-                self._state.restore(conn)
-                conn.io.start(conn.wake)
+            waiter.conn = conn
+            waiter.event.set()
 
     def _measure(self, conn: _Conn, now: float) -> None:
         # Record a lease that ended at ``now``; re-key its server if it moved.
@@ -712,17 +735,14 @@ class CallosumClient:
     # -- waiting -----------------------------------------------------------
 
     def _release(self, conn: _Conn) -> None:
-        # Hand a LEASED connection to the longest waiter, or make it idle.
-        waiter = self._state.dequeue()
-        if waiter is not None:
-            # In transit until the waiter wakes: nobody may return or discard it
-            # (LEASED -> HANDED, set here rather than through a call: hot path).
-            conn.state = HANDED
+        # Hand a LEASED connection to the longest waiter (HANDED: in transit
+        # until the waiter wakes, nobody may return or discard it), or make it idle.
+        waiter = self._state.release(conn)
+        if waiter is None:
+            conn.io.start(conn.wake)
+        else:
             waiter.conn = conn
             waiter.event.set()
-            return
-        self._state.restore(conn)
-        conn.io.start(conn.wake)
 
     def _wait(self, timeout: float | None) -> _Conn:
         if self._closed:
@@ -734,21 +754,34 @@ class CallosumClient:
         if _get_ident() != self._thread:
             self._check_thread()
         self._waits += 1
-        waiter = _Waiter()
+        spare = self._spare
+        waiter = spare.pop() if spare else _Waiter()
         # self._state, not a local: a fork while waiting replaces it.
         self._state.enqueue(waiter)
         event = waiter.event
         # One timer for the whole wait, setting the same Event as a handover:
         # a gevent.Timeout per Event.wait() would cost more than the wait.
-        timer = None
+        timer = waiter.timer
         if timeout is not None:
-            timer = self._loop.timer(timeout)
+            if waiter.after != timeout:
+                if timer is not None:
+                    timer.close()
+                waiter.timer = timer = self._loop.timer(timeout)
+                waiter.after = timeout
             # From the current time: the loop's cached time is stale after
             # CPU-bound work in this greenlet, and the wait would be cut short.
             timer.start(_expire, waiter, update=True)
+        # Event.wait() without its wrapping (hub capture, a dummy Timeout, the
+        # return value): link this greenlet and sleep in the hub until set()
+        # switches back. The notifier unlinks it before switching; every
+        # other way out unlinks it here.
+        switch = getcurrent().switch
+        hub_switch = self._hub.switch
         try:
             while True:
-                event.wait()
+                event.rawlink(switch)
+                if hub_switch() is not event:
+                    event.unlink(switch)  # not woken by the Event: check anyway
                 event.clear()
                 conn = waiter.conn
                 if conn is not None:
@@ -757,7 +790,7 @@ class CallosumClient:
                     if taken is None:
                         taken = self._take_idle()
                     if taken is not None:
-                        return taken
+                        break
                     # It went bad on the way: wait again at the head of the
                     # queue, where this waiter already stood.
                     self._state.enqueue(waiter, first=True)
@@ -769,6 +802,9 @@ class CallosumClient:
         except BaseException:
             # Timed out, closed, killed or interrupted by an outer Timeout: leave
             # the queue, and pass on a connection handed over meanwhile.
+            event.unlink(switch)
+            if timer is not None:
+                timer.close()
             self._state.cancel(waiter)
             conn = waiter.conn
             if conn is not None:
@@ -780,9 +816,15 @@ class CallosumClient:
                     else:
                         self._release(conn)
             raise
-        finally:
-            if timer is not None:
-                timer.close()
+        # Served: nothing can set the Event any more (the timer stops here and
+        # the waiter is out of the queue), so the next wait may use it as new.
+        if timer is not None:
+            timer.stop()
+        waiter.expired = False
+        spare = self._spare  # not the local: a fork while waiting replaced it
+        if len(spare) < _SPARE:
+            spare.append(waiter)
+        return taken
 
     def _vet_handed(self, conn: _Conn) -> _Conn | None:
         # Check a connection handed over while this waiter slept; None if unfit.
@@ -861,6 +903,8 @@ class CallosumClient:
         self._loop = self._hub.loop
         self._thread = _get_ident()
         self._conns = {}
+        # Made for the parent's loop: the child's waits make their own.
+        self._spare = []
         self._state = PoolState[_Conn, _Waiter](self._max_slots, self._rank)
         self._state.waiters = waiters
         self._zero_counters()

@@ -15,8 +15,9 @@ A connection moves through these states::
                                        IDLE or HANDED one also when retired
 
 A HANDED connection belongs to nobody: it refuses returns and discards, so a
-stale second return cannot reach the waiter's socket. The client sets HANDED
-and takes it back to LEASED itself (the hand-over is its hot path).
+stale second return cannot reach the waiter's socket. ``release`` sets
+HANDED; the client takes it back to LEASED itself when the
+waiter wakes (the hand-over is its hot path).
 ``Entry.holder`` names the lease that holds a LEASED or RETIRED connection
 (None for the raw API, and once given back), so a ``with`` block can tell its
 own lease from a later one of the same socket.
@@ -291,6 +292,26 @@ class PoolState(Generic[E, W]):
         """Make a LEASED or HANDED connection idle again."""
         entry.state = IDLE
         heappush(self._idle, entry._low)
+
+    def release(self, entry: E, seconds: float | None = None) -> W | None:
+        """Hand a LEASED connection to the longest waiter, or make it idle.
+
+        Return that waiter, the connection now HANDED to it, or None if
+        nobody waits: the connection is then IDLE. With ``seconds``, first
+        record a lease of that length that ended normally (re-keying its
+        server if its average left the band): one call for the return's hot path.
+        """
+        if seconds is not None:
+            server = entry.server
+            if server.lease(seconds):
+                self.rekey(server)
+        waiters = self.waiters
+        if waiters:
+            entry.state = HANDED
+            return waiters.popitem(last=False)[0]
+        entry.state = IDLE
+        heappush(self._idle, entry._low)
+        return None
 
     def remove(self, entry: E) -> None:
         """Forget a connection that is closing; free its slot if it held one."""

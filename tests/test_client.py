@@ -339,6 +339,37 @@ def test_interrupted_waiter_passes_handed_connection_on(
     assert client.slot_count == 1 and client.leased_count == 1
 
 
+@pytest.mark.parametrize("interruption", [gevent.GreenletExit, gevent.Timeout])
+def test_waits_after_served_timed_out_and_killed_ones_are_woken_and_time_out_in_full(
+    client: CallosumClient, peers: PeerServer, interruption: type[BaseException]
+) -> None:
+    # Waiters (their Event and timer) are reused once served: a later wait,
+    # whatever came before it, is woken by a hand-over, keeps no stale wake-up
+    # and gets its full timeout, counted from its own start.
+    sock, _, _ = offer(client, peers, 0)
+    client.get_connection(timeout=0)
+    for round_ in range(3):
+        served = [gevent.spawn(client.get_connection, timeout=5) for _ in range(3)]
+        killed = gevent.spawn(client.get_connection, timeout=5)
+        gevent.sleep(0)
+        for waiter in served:
+            client.return_connection(sock)  # set() wakes the longest waiter
+            assert waiter.get(timeout=2) is sock
+        # Queued first, the interruption lands after the hand-over, before the take.
+        killed.kill(interruption, block=False)
+        client.return_connection(sock)
+        killed.join(timeout=2)
+        assert killed.dead and killed.value is not sock
+        assert client.get_connection(timeout=0) is sock  # the killed one passed it on
+        started = time.monotonic()
+        # CPU-bound work first: the timer must still count from the wait's start.
+        time.sleep(0.05)
+        with pytest.raises(PoolTimeout):
+            client.get_connection(timeout=0.1 + round_ * 0.05)
+        assert time.monotonic() - started >= 0.15 + round_ * 0.05
+    assert client.stats()["waiting"] == 0 and client.leased_count == 1
+
+
 def test_outer_timeout_inside_get_connection_loses_nothing(
     client: CallosumClient, peers: PeerServer
 ) -> None:

@@ -73,6 +73,23 @@ def test_waiters_fifo_with_cancel_and_requeue_first() -> None:
     assert [state.dequeue() for _ in range(4)] == ["a", "c", "d", None]
 
 
+def test_release_hands_to_the_longest_waiter_else_restores_and_measures_both() -> None:
+    state: PoolState[Entry, str] = PoolState(max_slots=2)
+    a = Entry(0, object())
+    b = Entry(1, object())
+    for entry in (a, b):
+        state.admit(entry)
+    state.enqueue("first")
+    state.enqueue("second")
+    assert state.release(a, 0.002) == "first" and a.state == HANDED
+    assert state.release(b) == "second" and b.state == HANDED
+    assert state.release(a, 0.004) is None and a.state == IDLE
+    assert state.release(b) is None and b.state == IDLE
+    assert a.server.leases == 2 and abs(a.server.avg - 0.003) < 1e-12  # release() measures nothing
+    assert [state.lend(), state.lend(), state.lend()] == [a, b, None]
+    assert (state.idle_count, state.leased_count) == (0, 2)
+
+
 def test_handed_entry_closes_when_displaced_or_retired_and_frees_its_slot() -> None:
     # HANDED: given back to a waiter that has not taken it; nobody holds it.
     state: PoolState[Entry, object] = PoolState(max_slots=2)
