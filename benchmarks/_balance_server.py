@@ -3,8 +3,9 @@
 ``python -m benchmarks._balance_server STATS INDEX BASE WORKERS`` obeys
 commands on stdin, one per line, and answers each with one line on stdout:
 
-- ``start FACTOR WEIGHT MODE``: start a fresh ``CallosumServer`` (fresh slots,
-  and with ``WEIGHT`` ``auto`` a fresh speed estimate) on an ephemeral
+- ``start FACTOR WEIGHT MODE [REFERENCE]``: start a fresh ``CallosumServer``
+  (fresh slots, and with ``WEIGHT`` ``auto`` a fresh speed estimate, weight 1
+  standing for REFERENCE requests per busy second if given) on an ephemeral
   loopback port and answer the port. Each request line ``b"<id>\\n"`` is
   answered with the same line after ``BASE * FACTOR`` seconds of simulated
   work on one of WORKERS workers (requests beyond WORKERS queue). With MODE
@@ -14,8 +15,10 @@ commands on stdin, one per line, and answers each with one line on stdout:
 - ``stall S``: from now on every request is answered after S seconds, without
   taking a worker (a hang, not work); ``stall 0`` ends it.
 - ``stop``: stop the server at once, killing its handlers mid-request.
+- ``info``: answer the running server's ``weight`` and ``rate`` (None while
+  its estimate is not trusted, or with a fixed weight), or ``none``.
 
-Those three answer ``ok``; a failed command answers ``error <reason>``. The
+``factor``, ``stall`` and ``stop`` answer ``ok``; a failed command answers ``error <reason>``. The
 server publishes live counters in the shared STATS file (one row per
 server, this process the only writer of its row while a server runs) and
 exits at the end of its input, that is when its parent goes away.
@@ -112,7 +115,7 @@ class Backend:
         stats.add(index, DONE, 1)
         return line + b"\n"
 
-    def start(self, weight: int | str, sinkhole: bool) -> int:
+    def start(self, weight: int | str, sinkhole: bool, reference: float | None = None) -> int:
         self.stop()
         self.stall = 0.0
         stats, index = self.stats, self.index
@@ -145,6 +148,8 @@ class Backend:
 
         # A dict, as builds before weight="auto" type weight as int only.
         options: dict[str, Any] = {"weight": weight}
+        if reference is not None:
+            options["reference_rate"] = reference
         server = CallosumServer(("127.0.0.1", 0), handle, **options)
         server.start()
         self.server = server
@@ -162,15 +167,25 @@ class Backend:
 def obey(backend: Backend, command: list[str]) -> str:
     verb, args = command[0], command[1:]
     if verb == "start":
-        factor, weight, mode = args
+        factor, weight, mode, *rest = args
         backend.factor = float(factor)
-        return str(backend.start(weight if weight == "auto" else int(weight), mode == "sinkhole"))
+        reference = float(rest[0]) if rest else None
+        return str(
+            backend.start(
+                weight if weight == "auto" else int(weight), mode == "sinkhole", reference
+            )
+        )
     if verb == "factor":
         backend.factor = float(args[0])
     elif verb == "stall":
         backend.stall = float(args[0])
     elif verb == "stop":
         backend.stop()
+    elif verb == "info":
+        server = backend.server
+        if server is None:
+            return "none"
+        return f"{server.weight} {getattr(server, 'rate', None)}"
     else:
         raise ValueError(f"unknown command {verb!r}")
     return "ok"

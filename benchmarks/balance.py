@@ -72,10 +72,20 @@ KILLED, TWIN = 0, 1  # churn kills a fast server; its twin is the joiner's yards
 SHARE = 0.75  # the joiner "carries its share" at this fraction of its twin's rate
 FULL_ENOUGH = 0.98  # "the client stays full": mean share of slots held under load
 SETTLE_RATIO = 1.2  # settled: p99 within this factor of the oracle's in the same window
-#: Connection age for Callosum with weight="auto" servers: scaled to these
-#: runs' seconds, as the roving interval is, so the servers' weights reach
-#: the connections within a run.
-AUTO_MAX_AGE = 1.5
+#: Connection age for Callosum with weight="auto" servers: short enough that
+#: the servers' weights reach held connections within a run, long against
+#: the roving interval (50 of them; the defaults give 300). Every aged-out
+#: connection is refilled from a server the rover picks at random, so at
+#: 1.5 s (15 intervals) the refills kept ~20% of the connections on the
+#: slowest server and p99 measured 0.94x the oracle's; at 5 s, 0.55-0.73x.
+AUTO_MAX_AGE = 5.0
+#: The fleet's ``reference_rate`` for weight="auto": the slowest server's
+#: capacity, so weights run 1-4 like the operator's. A server's weight stays
+#: 1 until it has served 200 requests, and the slowest one serves fewer than
+#: that in a run: with the default reference (1000 req/s, 2.5x the fastest
+#: server) it ranked as the fleet's fastest all run, held ~30% of the
+#: connections, and p99 measured 1.2-1.35x the oracle's (max_age 5 s).
+AUTO_REFERENCE = WORKERS / (BASE * max(FACTORS))
 #: The balancers whose steady p99 the targets name run this many times per load.
 REPEATED = ("callosum", "callosum-auto", "oracle-jsq")
 ORACLE = "oracle-jsq"
@@ -84,7 +94,9 @@ VARIANTS = {
     "callosum": Variant("one"),
     # The servers' weights need requests to be trusted, then connections
     # must age out to carry them: warm up for that before measuring.
-    "callosum-auto": Variant("auto", {"max_age": AUTO_MAX_AGE}, settle=2 * AUTO_MAX_AGE),
+    # The extra warm-up lets the fast servers' estimates be trusted and the
+    # rover's offers carry them; s3's estimate is not (see AUTO_REFERENCE).
+    "callosum-auto": Variant("auto", {"max_age": AUTO_MAX_AGE}, settle=3.0),
     "callosum-slot": Variant("one", {"rank": "slot"}),
     "callosum-weighted": Variant("capacity"),
 }
@@ -264,7 +276,8 @@ class Backends:
     def start(self, index: int, factor: float, weight: int | str, sinkhole: bool) -> Address:
         self.ensure(index + 1)
         mode = "sinkhole" if sinkhole else "serve"
-        return ("127.0.0.1", int(self.ask(index, "start", factor, weight, mode)))
+        extra = (AUTO_REFERENCE,) if weight == "auto" else ()
+        return ("127.0.0.1", int(self.ask(index, "start", factor, weight, mode, *extra)))
 
     def close(self) -> None:
         for proc in self.procs:
@@ -1079,7 +1092,8 @@ def run(quick: bool) -> dict[str, Any]:
         f"each, capacity {CAPACITY:.0f} req/s; {N_CLIENTS} clients in one process, Callosum "
         f"max_slots={MAX_SLOTS}, rove every {ROVE_INTERVAL * 1000:.0f} ms, operator weights "
         f"{[UNEQUAL.weight(i, VARIANTS['callosum-weighted']) for i in range(len(FACTORS))]}, "
-        f"callosum-auto: max_age={AUTO_MAX_AGE:g} s; request timeout {REQ_TIMEOUT} s; "
+        f"callosum-auto: max_age={AUTO_MAX_AGE:g} s, reference_rate={AUTO_REFERENCE:g}; "
+        f"request timeout {REQ_TIMEOUT} s; "
         f"about {estimate_seconds(mode) / 60:.1f} min"
     )
     backends = Backends()
@@ -1113,6 +1127,7 @@ def analyse(runner: Runner, mode: Mode, quick: bool) -> dict[str, Any]:
         "rove_interval_s": ROVE_INTERVAL,
         "request_timeout_s": REQ_TIMEOUT,
         "auto_max_age_s": AUTO_MAX_AGE,
+        "auto_reference_rate": AUTO_REFERENCE,
         "slowdown_windows_s": [mode.windows[0], mode.windows[-1]],
         "mode": mode.__dict__,
     }
