@@ -8,6 +8,7 @@ import random
 import socket
 import weakref
 from collections.abc import Hashable
+from contextlib import suppress
 from functools import partial
 from time import perf_counter
 from types import TracebackType
@@ -877,9 +878,11 @@ class CallosumClient:
         if self._closed:
             return
         self._closed = True
-        if self._ticker is not None:
-            self._ticker.close()
-            self._ticker = None
+        ticker, self._ticker = self._ticker, None
+        if ticker is not None:
+            # Its loop may have been destroyed with the hub: nothing to stop then.
+            with suppress(ValueError):
+                ticker.close()
         for conn in self._state.idle_entries():
             self._drop(conn, "client closed")
         while (waiter := self._state.dequeue()) is not None:

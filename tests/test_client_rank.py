@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import subprocess
 import sys
+import threading
 import weakref
 from collections import Counter
 from collections.abc import Iterator
@@ -349,3 +350,25 @@ def test_lease_cut_by_a_timeout_counts_towards_its_server_average(
     assert client.new_connection(0, hung.connect(), server="hung")  # the rover's refill
     assert call(client) == "fast2"
     client.close()
+
+
+@pytest.mark.timeout(10)
+def test_close_after_the_hub_was_destroyed_does_not_raise() -> None:
+    # The pool's timer belongs to the hub's loop: a thread that destroys its hub
+    # before closing its client (as a test or a worker shutting down may) must
+    # still be able to close it.
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            client = CallosumClient(max_slots=2)
+            gevent.get_hub().destroy(destroy_loop=True)
+            client.close()
+            assert client.closed
+        except BaseException as exc:  # reported to the main thread below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(5)
+    assert errors == []
