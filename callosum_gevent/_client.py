@@ -757,8 +757,6 @@ class CallosumClient:
         self._waits += 1
         spare = self._spare
         waiter = spare.pop() if spare else _Waiter()
-        # self._state, not a local: a fork while waiting replaces it.
-        self._state.enqueue(waiter)
         event = waiter.event
         # One timer for the whole wait, setting the same Event as a handover:
         # a gevent.Timeout per Event.wait() would cost more than the wait.
@@ -772,6 +770,10 @@ class CallosumClient:
             # From the current time: the loop's cached time is stale after
             # CPU-bound work in this greenlet, and the wait would be cut short.
             timer.start(_expire, waiter, update=True)
+        # Queued only now: a timer that could not be made (a destroyed loop)
+        # must not leave a waiter that nobody is, to be handed a connection.
+        # self._state, not a local: a fork while waiting replaces it.
+        self._state.enqueue(waiter)
         # Event.wait() without its wrapping (hub capture, a dummy Timeout, the
         # return value): link this greenlet and sleep in the hub until set()
         # switches back. The notifier unlinks it before switching; every
