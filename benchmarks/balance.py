@@ -1028,8 +1028,9 @@ def evaluate(results: dict[str, Any], skipped: dict[str, str]) -> list[dict[str,
             )
         )
     print(
-        "  (not measured here: interop with the original JavaScript client, rover and "
-        "server; the tests cover it)"
+        "  (not measured here: interop with JavaScript peers; tests/test_interop_node.py "
+        "checks the wire format against Node.js peers of our own, the original npm "
+        "packages being unreachable)"
     )
     return targets
 
