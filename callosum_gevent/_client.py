@@ -10,9 +10,10 @@ import weakref
 from collections.abc import Hashable
 from contextlib import suppress
 from functools import partial
+from numbers import Real
 from time import perf_counter
 from types import TracebackType
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 
 import gevent
 from gevent import socket as gsocket
@@ -264,12 +265,14 @@ def _unfit_check(sock: Any, fd: int) -> Any:
 
 
 def _check_timeout(timeout: object) -> float | None:
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+    # int and float first: the abstract Real check (numpy's numbers, Fraction) is slower.
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float, Real)):
         raise TypeError(f"timeout must be a number or None, not {type(timeout).__name__}")
-    if not timeout >= 0:
+    number = cast(float, timeout)  # a real number: it compares and converts like one
+    if not number >= 0:
         raise ValueError(f"timeout must be >= 0, not {timeout!r}")
     try:
-        seconds = float(timeout)
+        seconds = float(number)
     except OverflowError:
         raise ValueError("timeout is too large; use None to wait without limit") from None
     return None if seconds == float("inf") else seconds

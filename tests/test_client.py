@@ -7,6 +7,7 @@ import os
 import socket as stdsocket
 import time
 from collections.abc import Iterator
+from fractions import Fraction
 from typing import Any
 
 import gevent
@@ -266,6 +267,16 @@ def test_bad_timeout_is_refused(client: CallosumClient, peers: PeerServer, bad: 
     offer(client, peers, 0)
     with pytest.raises((TypeError, ValueError), match="timeout"):
         client.get_connection(timeout=bad)
+    assert client.idle_count == 1
+
+
+@pytest.mark.parametrize("good", [Fraction(1, 2), Fraction(3)])
+def test_any_real_number_is_a_timeout(client: CallosumClient, peers: PeerServer, good: Any) -> None:
+    # numpy's integers and floats, Fractions and the like are real numbers too.
+    offer(client, peers, 0)
+    client.return_connection(client.get_connection(timeout=good))
+    with client.connection(timeout=good):
+        pass
     assert client.idle_count == 1
 
 
