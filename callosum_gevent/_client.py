@@ -867,8 +867,10 @@ class CallosumClient:
 
     def _close(self, conn: _Conn) -> None:
         # Stop watching before closing: libev must never watch a closed fd.
-        conn.io.stop()
-        conn.io.close()
+        # A loop destroyed with its hub watches nothing any more.
+        with suppress(ValueError):
+            conn.io.stop()
+            conn.io.close()
         conn.wake = None
         self._conns.pop(conn.item, None)
         if _pooled.get(conn.ident) is conn.item:
@@ -1024,5 +1026,5 @@ def _not_lent(conn: _Conn | None) -> str:
 def _close_quietly(sock: Any) -> None:
     try:
         sock.close()
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: gevent's, once its loop was destroyed
         _log.debug("error closing %r: %s", sock, exc)

@@ -362,9 +362,12 @@ def test_close_after_the_hub_was_destroyed_does_not_raise() -> None:
     def run() -> None:
         try:
             client = CallosumClient(max_slots=2)
+            ours, theirs = socket.socketpair()
+            client.new_connection(0, ours)  # idle: its watcher is armed
             gevent.get_hub().destroy(destroy_loop=True)
             client.close()
-            assert client.closed
+            assert client.closed and client.slot_count == 0
+            theirs.close()
         except BaseException as exc:  # reported to the main thread below
             errors.append(exc)
 
