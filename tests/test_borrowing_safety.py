@@ -14,7 +14,6 @@ import random
 import socket as stdsocket
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import gevent
@@ -24,13 +23,6 @@ from _peers import PeerServer, is_closed
 from callosum_gevent import CallosumClient, PoolTimeout
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-def peers() -> Iterator[PeerServer]:
-    server = PeerServer()
-    yield server
-    server.stop()
 
 
 def offer(client: CallosumClient, peers: PeerServer, slot: int) -> Any:

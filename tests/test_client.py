@@ -20,13 +20,6 @@ pytestmark = pytest.mark.timeout(20)
 
 
 @pytest.fixture
-def peers() -> Iterator[PeerServer]:
-    server = PeerServer()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def client() -> Iterator[CallosumClient]:
     with CallosumClient(max_slots=4) as c:
         yield c

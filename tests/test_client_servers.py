@@ -17,13 +17,6 @@ pytestmark = pytest.mark.timeout(20)
 
 
 @pytest.fixture
-def peers() -> Iterator[PeerServer]:
-    server = PeerServer()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def other() -> Iterator[PeerServer]:
     server = PeerServer()
     yield server

@@ -11,7 +11,6 @@ from __future__ import annotations
 import socket as stdsocket
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import gevent
@@ -21,13 +20,6 @@ from _peers import PeerServer
 from callosum_gevent import CallosumClient, PoolTimeout
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-def peers() -> Iterator[PeerServer]:
-    server = PeerServer()
-    yield server
-    server.stop()
 
 
 def lent_out(peers: PeerServer) -> tuple[CallosumClient, Any]:
